@@ -1,0 +1,1 @@
+"""Dataset layouts, the Cityscapes label table and the procedural demo data."""
