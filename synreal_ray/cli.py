@@ -17,6 +17,28 @@ def _features(a: argparse.Namespace) -> None:
           f"levels {rec['levels']} -> {a.out} ({state})")
 
 
+def _kliep(a: argparse.Namespace) -> None:
+    from synreal_ray.weighting import KliepConfig, run_kliep
+
+    sigma = None if a.sigma == "auto" else _positive_float(a.sigma, "--sigma")
+    cfg = KliepConfig(syn=a.syn, real=a.real, out=a.out, sigma=sigma, centers=a.centers, folds=a.folds,
+                      clip=a.clip, cv_samples=a.cv_samples, seed=a.seed, device=a.device)
+    rec = run_kliep(cfg, force=a.force)
+    print(f"kliep: sigma w={rec['sigma']['w']:.4g} psi={rec['sigma']['psi']:.4g}; effective sample size "
+          f"{rec['ess_fraction']['w']:.0%} of synthetic, {rec['ess_fraction']['psi']:.0%} of real "
+          f"-> {a.out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")
+
+
+def _positive_float(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a number (or 'auto')") from None
+    if not value > 0:
+        raise ValueError(f"{flag}: must be > 0, got {text}")
+    return value
+
+
 def _make_demo_data(a: argparse.Namespace) -> None:
     from synreal_ray.datasets.demo import make_demo_data
 
@@ -52,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--verify-images", action="store_true", help="decode every image whole, not just its header")
     f.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
     f.set_defaults(fn=_features)
+
+    k = sub.add_parser("kliep", help="KLIEP importance weights of both domains from their SP-Feat features")
+    k.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
+    k.add_argument("--real", required=True, help="real features (output of `synreal features`)")
+    k.add_argument("--out", required=True)
+    k.add_argument("--sigma", default="auto", help="kernel width, or auto (likelihood cross-validation)")
+    k.add_argument("--centers", type=int, default=100, help="number of Gaussian basis centres")
+    k.add_argument("--folds", type=int, default=5, help="cross-validation folds for --sigma auto")
+    k.add_argument("--clip", type=float, default=None, help="largest weight after renormalising to mean 1")
+    k.add_argument("--cv-samples", type=int, default=2000, help="samples per domain for choosing sigma")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    k.add_argument("--force", action="store_true")
+    k.set_defaults(fn=_kliep)
     return p
 
 

@@ -152,29 +152,17 @@ def features_of_batch(batch: dict, levels, domain: str, on_error: str, verify_im
     return table, errors
 
 
-def write_table(table: pa.Table, uri: str) -> None:
-    """One Parquet object, written whole."""
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
-
-
-def part_name(ids) -> str:
-    # Named after its content: a retried Ray task rewrites the same object instead of adding a copy.
-    return "part-" + hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()[:16] + ".parquet"
-
-
 def _write_features(batch: dict, cfg: FeaturesConfig) -> dict:
     """Ray Data batch function: compute SP-Feat for a batch, write it as one Parquet object, and
     return a small summary (rows written, errors) so the driver never holds the features."""
     # Errors travel back in the summary rather than as exceptions: Ray wraps a worker's exception
     # in its own, and the user should see one line naming the file, not two stack traces.
     table, errors = features_of_batch(batch, cfg.levels, cfg.resolved_domain, "skip", cfg.verify_images)
-    name = part_name(batch["id"])
+    name = storage.part_name(batch["id"])
     if table.num_rows:
-        write_table(table, storage.join(cfg.out, "features", name))
+        storage.write_parquet(table, storage.join(cfg.out, "features", name))
     if errors and cfg.on_error == "skip":
-        write_table(pa.table({"uri": [u for u, _ in errors], "reason": [r for _, r in errors]}, schema=ERROR_SCHEMA),
+        storage.write_parquet(pa.table({"uri": [u for u, _ in errors], "reason": [r for _, r in errors]}, schema=ERROR_SCHEMA),
                     storage.join(cfg.out, "errors", name))
     return {"rows": np.array([table.num_rows]), "errors": np.array([json.dumps(errors)])}
 
@@ -209,7 +197,7 @@ def run_features(cfg: FeaturesConfig, force: bool = False) -> dict:
         if errors and cfg.on_error == "raise":  # stops the dataset; the output stays unpublished
             raise SampleError(errors[0][1])
     if problems:  # listing problems (e.g. an image without a label) are recorded like the others
-        write_table(pa.table({"uri": [p.uri for p in problems], "reason": [p.reason for p in problems]},
+        storage.write_parquet(pa.table({"uri": [p.uri for p in problems], "reason": [p.reason for p in problems]},
                               schema=ERROR_SCHEMA), storage.join(cfg.out, "errors", "part-listing.parquet"))
     if written == 0:
         raise SampleError(f"{cfg.dataset}: every sample failed; first error: {errors[0][1] if errors else '?'}")
@@ -257,3 +245,24 @@ def check_compatible(a: dict, b: dict, what_a: str, what_b: str) -> None:
             raise ValueError(f"features of different {key}: {what_a} has {a[key]}, {what_b} has {b[key]}; "
                              f"recompute one with the same --levels")
 
+
+
+def features_dataset(uri: str, columns=("id", "feature")):
+    """A published features output as a Ray dataset (streamed from Parquet, never collected)."""
+    import ray
+
+    storage.require_complete(uri, "features output")
+    fs, path = storage.resolve(storage.join(uri, "features"))
+    return ray.data.read_parquet(path, filesystem=fs, columns=list(columns))
+
+
+def sample_features(uri: str, n: int, seed: int = 0) -> np.ndarray:
+    """Up to `n` feature rows drawn at random (deterministic for a seed) without loading the rest."""
+    rows = storage.read_json(storage.join(uri, "stage.json"))["rows"]
+    meta = features_meta(uri)
+    ds = features_dataset(uri, columns=("feature",))
+    if n < rows:
+        ds = ds.random_sample(min(1.0, 1.3 * n / rows), seed=seed)  # a margin, then cut to n
+    table = pa.concat_tables([t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows])
+    x = feature_matrix(table.column("feature"), meta["dim"])
+    return x[np.random.default_rng(seed).permutation(len(x))[:n]] if len(x) > n else x

@@ -13,6 +13,7 @@ last. An output without `_SUCCESS` is incomplete, whatever else it holds, and a 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -123,6 +124,22 @@ def write_bytes(uri: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def write_parquet(table, uri: str) -> None:
+    """One Parquet object, written whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue().to_pybytes())
+
+
+def part_name(ids) -> str:
+    """Name of a Parquet part after the ids it holds: a retried Ray task rewrites the same object
+    instead of adding a copy of its rows."""
+    return "part-" + hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()[:16] + ".parquet"
 
 
 def read_json(uri: str) -> dict:

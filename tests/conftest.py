@@ -131,6 +131,18 @@ def demo_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_features(demo_data, ray_cluster, tmp_path_factory):
+    """SP-Feat outputs of the demo data (levels 1,2,4): {"syn": uri, "real": uri}."""
+    from synreal_ray.features import FeaturesConfig, run_features
+
+    root = tmp_path_factory.mktemp("features")
+    out = {"syn": str(root / "syn"), "real": str(root / "real")}
+    run_features(FeaturesConfig(dataset=str(demo_data / "syn"), layout="synscapes", out=out["syn"]))
+    run_features(FeaturesConfig(dataset=str(demo_data / "real"), layout="cityscapes", out=out["real"]))
+    return out
+
+
 def run_cli(*args: str, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run the real `synreal` console entry point in a subprocess (its own Ray instance)."""
     p = subprocess.run([sys.executable, "-m", "synreal_ray.cli", *args], capture_output=True, text=True,

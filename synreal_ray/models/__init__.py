@@ -1,0 +1,51 @@
+"""Unpaired synthetic -> real translation models (plain PyTorch) with importance-weighted losses.
+
+    model = build_model("cyclegan", base_channels=64)       # or "unit"
+    model.to(device).wrap(ray.train.torch.prepare_model)     # optional: DDP per submodule
+    opts = model.make_optimizers()                           # {"gen": Adam, "dis": Adam}
+    scheds = model.make_schedulers(opts, total_steps)
+    losses = model.train_step(x_syn, x_real, w_syn, w_real, opts, scaler, amp=True)
+    x_fake_real = model.translate(x_syn)
+    torch.save(model.generator_s2r().state_dict(), path)
+
+Images are float tensors in [-1, 1] of shape (B, 3, H, W) with H, W divisible by
+2**n_downsample (and large enough for the discriminators); weights are (B,) floats.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import TranslationModel, unwrap
+from .cyclegan import CycleGAN
+from .unit import UNIT
+
+MODELS: dict[str, type[TranslationModel]] = {"unit": UNIT, "cyclegan": CycleGAN}
+
+
+def default_config(name: str) -> dict[str, Any]:
+    """The constructor keyword arguments of model `name` with their defaults (for config
+    validation and documentation)."""
+    cls = _model_class(name)
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+
+def build_model(name: str, **cfg: Any) -> TranslationModel:
+    """A model by name ("unit" or "cyclegan"); unknown config keys raise a ValueError naming the
+    accepted ones."""
+    cls = _model_class(name)
+    unknown = sorted(set(cfg) - set(default_config(name)))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(default_config(name))}")
+    return cls(**cfg)
+
+
+def _model_class(name: str) -> type[TranslationModel]:
+    try:
+        return MODELS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+
+
+__all__ = ["MODELS", "CycleGAN", "TranslationModel", "UNIT", "build_model", "default_config", "unwrap"]

@@ -1,0 +1,409 @@
+"""Tests of synreal_ray.models: tiny UNIT and CycleGAN (32x64 images, 8 channels) on CPU."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synreal_ray.models import CycleGAN, UNIT, build_model, default_config
+from synreal_ray.models.blocks import ImagePool
+from synreal_ray.models.losses import kl_per_sample, l1_per_sample, lsgan_loss, weighted_mean
+
+H, W = 32, 64
+TINY = {
+    "cyclegan": dict(base_channels=8, n_res=2, dis_channels=8, pool_size=4, pool_seed=0),
+    "unit": dict(base_channels=8, n_res=2, n_shared=1, dis_channels=8, dis_layers=2, dis_scales=2),
+}
+MODELS = list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The models are tiny: intra-op threads only add contention on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name: str, seed: int = 0, **over) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, **{**TINY[name], **over})
+
+
+def images(b: int, seed: int) -> torch.Tensor:
+    """Smooth random images in [-1, 1] (low-resolution noise up-sampled): learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(b, 3, H // 8, W // 8, generator=g) * 2 - 1
+    return F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, params))
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+
+def test_per_sample_losses_with_unit_weights_equal_the_plain_torch_losses():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3, 8, 16), torch.randn(4, 3, 8, 16)
+    ones = torch.ones(4)
+    scales = [torch.randn(4, 1, 6, 10), torch.randn(4, 1, 3, 5)]
+    assert torch.allclose(weighted_mean(l1_per_sample(a, b), ones), F.l1_loss(a, b))
+    assert torch.allclose(weighted_mean(kl_per_sample(a), ones), (a**2).mean())
+    assert torch.allclose(weighted_mean(lsgan_loss(a, True), ones), F.mse_loss(a, torch.ones_like(a)))
+    assert torch.allclose(weighted_mean(lsgan_loss(a, False), ones), F.mse_loss(a, torch.zeros_like(a)))
+    multi = sum(F.mse_loss(s, torch.ones_like(s)) for s in scales) / len(scales)
+    assert torch.allclose(weighted_mean(lsgan_loss(scales, True), ones), multi)
+    assert lsgan_loss(scales, True).shape == (4,)
+    assert torch.equal(weighted_mean(l1_per_sample(a, b), None), l1_per_sample(a, b).mean())
+
+
+def test_weighted_mean_divides_by_batch_size_not_by_weight_sum():
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    w = torch.tensor([2.0, 0.0, 1.0, 0.0])
+    assert weighted_mean(per_sample, w).item() == pytest.approx((2 * 1 + 3) / 4)
+    assert weighted_mean(per_sample, torch.zeros(4)).item() == 0.0  # not 0/0
+    with pytest.raises(ValueError):
+        weighted_mean(per_sample, torch.ones(3))
+
+
+# -- shapes and interface -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_shapes_and_translate_range(name):
+    model = tiny(name)
+    x = images(2, 1) * 3  # out-of-range input must still give outputs in [-1, 1]
+    y = model.translate(x)
+    assert y.shape == x.shape and not y.requires_grad
+    assert y.min() >= -1 and y.max() <= 1
+    assert model.training  # translate restores the mode
+    assert model(x).shape == x.shape
+    for d in model.discriminators.values():
+        out = d(x)
+        outs = out if isinstance(out, list) else [out]
+        assert all(o.shape[:2] == (2, 1) and o.shape[2] >= 1 and o.shape[3] >= 1 for o in outs)
+    if name == "unit":
+        assert model.encode(x, "syn").shape == (2, 8 * 4, H // 4, W // 4)
+        assert len(model.discriminators["real"](x)) == 2
+
+
+def test_unit_shares_the_encoders_last_and_decoders_first_layers():
+    model = tiny("unit")
+    g = model.generators
+    shared = {id(p) for k in ("enc_shared", "dec_shared") for p in g[k].parameters()}
+    private = {id(p) for k in ("enc_syn", "enc_real", "dec_syn", "dec_real") for p in g[k].parameters()}
+    assert shared and not shared & private
+    s2r = model.generator_s2r()
+    assert s2r.enc_shared is g["enc_shared"] and s2r.dec_real is g["dec_real"]
+
+
+def test_build_model_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("pix2pix")
+    with pytest.raises(ValueError, match="n_blocks"):
+        build_model("cyclegan", n_blocks=3)
+    assert isinstance(build_model("CycleGAN", **TINY["cyclegan"]), CycleGAN)
+    assert default_config("unit")["recon_x_w"] == 10.0 and default_config("cyclegan")["cyc_w"] == 10.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generator_s2r_saves_alone(name):
+    model = tiny(name, seed=0)
+    buf = io.BytesIO()
+    torch.save(model.generator_s2r().state_dict(), buf)
+    other = tiny(name, seed=1)
+    x = images(2, 2)
+    assert not torch.equal(other.translate(x), model.translate(x))
+    buf.seek(0)
+    other.generator_s2r().load_state_dict(torch.load(buf))
+    assert torch.equal(other.translate(x), model.translate(x))
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_losses_finite_and_decrease_on_a_fixed_batch(name):
+    model = tiny(name)
+    opts = model.make_optimizers(lr=1e-3)
+    xs, xr = images(2, 1), images(2, 2)
+    ws, wr = torch.tensor([1.0, 0.5]), torch.tensor([0.8, 1.2])
+    hist = [model.train_step(xs, xr, ws, wr, opts) for _ in range(30)]
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in hist)
+    expected = {"gen_total", "dis_total", "dis_syn", "dis_real", "gen_adv_s2r", "gen_adv_r2s", "cyc_syn", "cyc_real"}
+    assert expected <= set(hist[0])
+    watched = ["gen_total", "cyc_syn", "cyc_real"] + (["recon_syn", "recon_real"] if name == "unit" else [])
+    for key in watched:
+        last = sum(h[key] for h in hist[-5:]) / 5
+        assert last < hist[0][key], (key, hist[0][key], last)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zero_weight_samples_leave_gradients_unchanged(name):
+    """Sample 1 of the synthetic and sample 2 of the real batch have weight 0: replacing their
+    images by entirely different ones changes no loss and no gradient. compute_losses bypasses
+    the image pool; UNIT's latent noise is made equal by re-seeding; InstanceNorm keeps samples
+    independent (BatchNorm's batch statistics would couple them)."""
+    model = tiny(name)
+    gen_p, dis_p = list(model.generators.parameters()), list(model.discriminators.parameters())
+    xs, xr = images(3, 1), images(3, 2)
+    ws, wr = torch.tensor([1.0, 0.0, 0.7]), torch.tensor([0.5, 1.3, 0.0])
+
+    def run(xs, xr):
+        torch.manual_seed(123)
+        losses = model.compute_losses(xs, xr, ws, wr)
+        return losses, grads(losses["gen_total"], gen_p), grads(losses["dis_total"], dis_p)
+
+    base_l, base_g, base_d = run(xs, xr)
+    xs2, xr2 = xs.clone(), xr.clone()
+    xs2[1] = -images(1, 3)[0]
+    xr2[2] = torch.rand(3, H, W) * 2 - 1
+    l, g, d = run(xs2, xr2)
+    for k in base_l:
+        assert torch.allclose(l[k], base_l[k], rtol=1e-6, atol=1e-8), k
+    for a, b in zip(g + d, base_g + base_d):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+    # control: the same change to a sample of non-zero weight does change the gradients
+    xs3 = xs.clone()
+    xs3[0] = xs2[1]
+    _, g3, _ = run(xs3, xr)
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g3, base_g))
+
+
+def test_cyclegan_with_unit_weights_equals_the_unweighted_baseline():
+    """The importance-weighted losses with all weights 1 are the textbook CycleGAN losses."""
+    model = tiny("cyclegan")
+    xs, xr = images(2, 1), images(2, 2)
+    got = model.compute_losses(xs, xr, torch.ones(2), torch.ones(2))
+    G, D = model.generators, model.discriminators
+    fr, fs = G["s2r"](xs), G["r2s"](xr)
+    mse = lambda p, t: F.mse_loss(p, torch.full_like(p, t))  # noqa: E731
+    ref = {
+        "gen_adv_s2r": mse(D["real"](fr), 1.0),
+        "gen_adv_r2s": mse(D["syn"](fs), 1.0),
+        "cyc_syn": F.l1_loss(G["r2s"](fr), xs),
+        "cyc_real": F.l1_loss(G["s2r"](fs), xr),
+        "idt_syn": F.l1_loss(G["r2s"](xs), xs),
+        "idt_real": F.l1_loss(G["s2r"](xr), xr),
+        "dis_syn": 0.5 * (mse(D["syn"](xs), 1.0) + mse(D["syn"](fs.detach()), 0.0)),
+        "dis_real": 0.5 * (mse(D["real"](xr), 1.0) + mse(D["real"](fr.detach()), 0.0)),
+    }
+    ref["gen_total"] = (
+        ref["gen_adv_s2r"] + ref["gen_adv_r2s"] + 10 * (ref["cyc_syn"] + ref["cyc_real"]) + 5 * (ref["idt_syn"] + ref["idt_real"])
+    )
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, rtol=1e-5), k
+    none = model.compute_losses(xs, xr, None, None)
+    assert all(torch.allclose(none[k], got[k]) for k in got)
+
+
+def test_unit_with_unit_weights_equals_the_unweighted_baseline(monkeypatch):
+    model = tiny("unit")
+    monkeypatch.setattr(model, "_noise_like", torch.zeros_like)  # deterministic latent codes
+    xs, xr = images(2, 1), images(2, 2)
+    got = model.compute_losses(xs, xr, torch.ones(2), torch.ones(2))
+    G, D = model.generators, model.discriminators
+    enc = lambda x, d: G["enc_shared"](G[f"enc_{d}"](x))  # noqa: E731
+    dec = lambda z, d: G[f"dec_{d}"](G["dec_shared"](z))  # noqa: E731
+    mse = lambda outs, t: sum(F.mse_loss(o, torch.full_like(o, t)) for o in outs) / len(outs)  # noqa: E731
+    mu_s, mu_r = enc(xs, "syn"), enc(xr, "real")
+    fr, fs = dec(mu_s, "real"), dec(mu_r, "syn")
+    mu_sr, mu_rs = enc(fr, "real"), enc(fs, "syn")
+    ref = {
+        "gen_adv_s2r": mse(D["real"](fr), 1.0),
+        "gen_adv_r2s": mse(D["syn"](fs), 1.0),
+        "recon_syn": F.l1_loss(dec(mu_s, "syn"), xs),
+        "recon_real": F.l1_loss(dec(mu_r, "real"), xr),
+        "kl_syn": (mu_s**2).mean(),
+        "kl_real": (mu_r**2).mean(),
+        "cyc_syn": F.l1_loss(dec(mu_sr, "syn"), xs),
+        "cyc_real": F.l1_loss(dec(mu_rs, "real"), xr),
+        "kl_cyc_syn": (mu_sr**2).mean(),
+        "kl_cyc_real": (mu_rs**2).mean(),
+        "dis_syn": mse(D["syn"](xs), 1.0) + mse(D["syn"](fs.detach()), 0.0),
+        "dis_real": mse(D["real"](xr), 1.0) + mse(D["real"](fr.detach()), 0.0),
+    }
+    ref["gen_total"] = (
+        ref["gen_adv_s2r"] + ref["gen_adv_r2s"]
+        + 10 * (ref["recon_syn"] + ref["recon_real"] + ref["cyc_syn"] + ref["cyc_real"])
+        + 0.01 * (ref["kl_syn"] + ref["kl_real"] + ref["kl_cyc_syn"] + ref["kl_cyc_real"])
+    )
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, rtol=1e-5), k
+
+
+def test_image_pool_keeps_each_image_with_its_weight():
+    pool = ImagePool(size=3, seed=0)
+    from_history = 0
+    for step in range(20):
+        w = torch.arange(2, dtype=torch.float32) + 10 * step  # unique weight per image
+        imgs = w.view(2, 1, 1, 1).expand(2, 3, 4, 4).clone()  # image filled with its weight
+        out_imgs, out_w = pool.query(imgs, w)
+        assert out_imgs.shape == imgs.shape and out_w.shape == w.shape
+        assert torch.equal(out_imgs[:, 0, 0, 0], out_w)  # every image still carries its own weight
+        assert torch.equal(out_imgs.amin((1, 2, 3)), out_imgs.amax((1, 2, 3)))
+        from_history += int((out_w < 10 * step).sum())
+    assert len(pool) == 3 and from_history > 0
+    off = ImagePool(size=0)
+    assert torch.equal(off.query(imgs, w)[1], w) and len(off) == 0
+
+
+def test_cyclegan_train_step_sends_pooled_fakes_with_their_weights():
+    model = tiny("cyclegan", pool_size=2)
+    opts = model.make_optimizers()
+    for step in range(4):
+        model.train_step(images(2, step), images(2, 10 + step), torch.tensor([step, 0.5]), torch.tensor([1.0, 2.0 + step]), opts)
+    # fakes of the real domain come from synthetic samples: their weights are w_syn values
+    assert {round(float(w), 3) for w in model.pools["real"].weights} <= {0.0, 1.0, 2.0, 3.0, 0.5}
+    assert {round(float(w), 3) for w in model.pools["syn"].weights} <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def _state_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_round_trip_is_bit_identical(name):
+    model = tiny(name, seed=0, **({"pool_size": 0} if name == "cyclegan" else {}))
+    opts = model.make_optimizers()
+    scheds = model.make_schedulers(opts, total_steps=4)
+    xs, xr, w = images(2, 1), images(2, 2), torch.tensor([1.0, 0.3])
+    for _ in range(2):
+        model.train_step(xs, xr, w, w, opts)
+        for s in scheds.values():
+            s.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), **{f"opt_{k}": o.state_dict() for k, o in opts.items()},
+                **{f"sched_{k}": s.state_dict() for k, s in scheds.items()}}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+
+    other = tiny(name, seed=1, **({"pool_size": 0} if name == "cyclegan" else {}))
+    other_opts = other.make_optimizers()
+    other_scheds = other.make_schedulers(other_opts, total_steps=4)
+    other.load_state_dict(ckpt["model"])
+    for k in other_opts:
+        other_opts[k].load_state_dict(ckpt[f"opt_{k}"])
+        other_scheds[k].load_state_dict(ckpt[f"sched_{k}"])
+    assert _state_equal(model.state_dict(), other.state_dict())
+    for k in opts:
+        assert _state_equal(opts[k].state_dict(), other_opts[k].state_dict())
+        assert other_opts[k].param_groups[0]["lr"] == opts[k].param_groups[0]["lr"]
+    # training goes on identically from the restored copy
+    torch.manual_seed(7)
+    a = model.train_step(xs, xr, w, w, opts)
+    torch.manual_seed(7)
+    b = other.train_step(xs, xr, w, w, other_opts)
+    assert a == b and _state_equal(model.state_dict(), other.state_dict())
+
+
+def test_schedulers_decay_linearly_in_the_second_half():
+    model = tiny("cyclegan")
+    opts = model.make_optimizers(lr=1.0)
+    sched = model.make_schedulers(opts, total_steps=10)["gen"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opts["gen"].param_groups[0]["lr"])
+        opts["gen"].step()  # no gradients: a no-op, but the scheduler expects it first
+        sched.step()
+    assert lrs == pytest.approx([1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert opts["dis"].param_groups[0]["lr"] == 1.0
+    assert UNIT.default_lr == 1e-4 and CycleGAN.default_lr == 2e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_amp_is_ignored_on_cpu(name):
+    xs, xr, w = images(2, 1), images(2, 2), torch.tensor([1.0, 0.5])
+    runs = []
+    for amp in (False, True):
+        model = tiny(name, **({"pool_size": 0} if name == "cyclegan" else {}))
+        opts = model.make_optimizers()
+        torch.manual_seed(3)
+        runs.append(model.train_step(xs, xr, w, w, opts, scaler=torch.amp.GradScaler("cpu"), amp=amp))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", MODELS)
+def test_amp_train_step_on_cuda(name):
+    model = tiny(name).cuda()
+    opts = model.make_optimizers()
+    scaler = torch.amp.GradScaler("cuda")
+    xs, xr, w = images(2, 1).cuda(), images(2, 2).cuda(), torch.tensor([1.0, 0.5]).cuda()
+    for _ in range(3):
+        losses = model.train_step(xs, xr, w, w, opts, scaler=scaler, amp=True)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert model.translate(xs).dtype == torch.float32
+
+
+# -- DDP ------------------------------------------------------------------------------------
+
+
+def _sgd(model):
+    # SGD, not Adam: Adam's first steps are ~lr * sign(grad), which rounding noise can flip
+    return {k: torch.optim.SGD(getattr(model, f"{g}").parameters(), lr=0.05)
+            for k, g in (("gen", "generators"), ("dis", "discriminators"))}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, data: dict, states: dict, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = data["xs"].shape[0] // world
+        part = {k: v[rank * b:(rank + 1) * b].double() for k, v in data.items()}
+        result = {}
+        for name, state in states.items():
+            model = build_model(name, **{**TINY[name], **({"pool_size": 0} if name == "cyclegan" else {})})
+            model.load_state_dict(state)
+            model.double().wrap(DistributedDataParallel)
+            opts = _sgd(model)
+            torch.manual_seed(rank)
+            for _ in range(2):  # twice: the reducer must be ready again for the next step
+                model.train_step(part["xs"], part["xr"], part["ws"], part["wr"], opts)
+            result[name] = model.state_dict()
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (~10-30 s on a loaded 2-core machine)
+def test_ddp_wrapped_training_matches_single_process_on_the_whole_batch(tmp_path):
+    """Two gloo workers, each with half the batch, end with parameters identical to each other
+    and (CycleGAN: no noise, no pool) equal to one process training on the whole batch: every
+    submodule's gradients, the discriminators' included, are all-reduced, and sum(w*l)/B per
+    worker averaged over workers is the whole batch's loss. In float64: in float32 the tiny
+    random model amplifies rounding differences (batch of 2 vs 4) to ~1% by the second step."""
+    import torch.multiprocessing as mp
+
+    data = {"xs": images(4, 1), "xr": images(4, 2), "ws": torch.tensor([1.0, 0.0, 2.0, 0.5]),
+            "wr": torch.tensor([0.3, 1.0, 1.0, 1.7])}
+    models = {name: tiny(name, **({"pool_size": 0} if name == "cyclegan" else {})) for name in MODELS}
+    states = {name: copy.deepcopy(m.state_dict()) for name, m in models.items()}
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), data, states, out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    for name in MODELS:
+        assert _state_equal(r0[name], r1[name]), name
+        assert not _state_equal(r0[name], states[name])
+    ref = models["cyclegan"].double()
+    opts = _sgd(ref)
+    for _ in range(2):
+        ref.train_step(data["xs"].double(), data["xr"].double(), data["ws"], data["wr"], opts)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(r0["cyclegan"][k], v, rtol=1e-9, atol=1e-12), k
