@@ -29,6 +29,28 @@ def _kliep(a: argparse.Namespace) -> None:
           f"-> {a.out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")
 
 
+def _pairs(a: argparse.Namespace) -> None:
+    from synreal_ray import storage
+    from synreal_ray.pairing import PairsConfig, preview_grid, quality_markdown, run_pairs
+
+    if a.preview and not a.out_png:
+        raise ValueError("--preview N needs --out-png FILE")
+    cfg = PairsConfig(syn=a.syn, real=a.real, out=a.out, weights=a.weights, k=a.k, max_distance=a.max_distance,
+                      index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed)
+    rec = run_pairs(cfg, force=a.force)
+    report = storage.read_json(storage.join(a.out, "report.json"))
+    print(quality_markdown(report))
+    if cfg.max_distance is not None:
+        print(f"--max-distance {cfg.max_distance}: dropped {report['dropped_by_max_distance']} pairs; "
+              f"{report['syn_without_pairs']} synthetic images have no pair left")
+    if "ivf_recall_at_k" in report:
+        print(f"IVF recall@{cfg.k} against exact search: {report['ivf_recall_at_k']:.3f}")
+    if a.preview:
+        storage.write_bytes(a.out_png, preview_grid(a.out, a.preview))
+        print(f"preview grid: {a.out_png}")
+    print(f"pairs: {rec['pairs']} pairs (K={cfg.k}) -> {a.out}{' (up to date, skipped)' if rec.get('skipped') else ''}")
+
+
 def _positive_float(text: str, flag: str) -> float:
     try:
         value = float(text)
@@ -46,6 +68,41 @@ def _make_demo_data(a: argparse.Namespace) -> None:
                           height=a.height, width=a.width, seed=a.seed)
     print(f"demo data: {info['num_syn']} synthetic images in {info['syn']} (synscapes layout), "
           f"{info['num_real']} train + {info['num_val']} val real images in {info['real']} (cityscapes layout)")
+
+
+def _translate(a: argparse.Namespace) -> None:
+    from synreal_ray.translate import TranslateConfig, run_translate
+
+    cfg = TranslateConfig(checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out, split=a.split,
+                          batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp)
+    rec = run_translate(cfg, force=a.force)
+    if rec.get("skipped"):
+        print(f"translate: {rec['images']} images already translated in {a.out} (up to date, skipped)")
+        return
+    resumed = f", {rec['resumed_from']} kept from an interrupted run" if rec["resumed_from"] else ""
+    rate = f", {rec['images_per_s']} images/s on {rec['actors']} actor(s)" if rec["images_per_s"] else ""
+    print(f"translate: {rec['translated']} of {rec['images']} images with {rec['checkpoint']} (step {rec['step']})"
+          f"{resumed}{rate} -> {a.out}")
+
+
+def _fid(a: argparse.Namespace) -> None:
+    import warnings
+
+    from synreal_ray.fid import FidConfig, run_fid
+
+    cfg = FidConfig(a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size, max_images=a.max_images,
+                    cache=a.cache, batch_size=a.batch_size, actors=a.actors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed below as one line each
+        rec = run_fid(cfg)
+    for w in rec["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    for name in ("a", "b"):
+        s = rec[name]
+        how = f"computed {s['computed']}" if s["computed"] else "all cached"
+        print(f"{name}: {s['images']} images in {s['root']} ({how}; cache {s['entry']})")
+    print(f"inception weights: {rec['weights']}, dims {rec['dims']}" + (f", resized to {rec['size']}" if rec["size"] else ""))
+    print(f"FID: {rec['fid']:.6f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     k.add_argument("--force", action="store_true")
     k.set_defaults(fn=_kliep)
+
+    q = sub.add_parser("pairs", help="pair each synthetic image with its K nearest real images in SP-Feat space")
+    q.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
+    q.add_argument("--real", required=True, help="real features (output of `synreal features`)")
+    q.add_argument("--weights", default=None, help="output of `synreal kliep` (default: all weights 1)")
+    q.add_argument("--k", type=int, default=5)
+    q.add_argument("--max-distance", type=float, default=None, help="drop pairs farther apart than this")
+    q.add_argument("--index", choices=["flat", "ivf"], default="flat", help="flat = exact; ivf = approximate")
+    q.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
+    q.add_argument("--actors", type=int, default=1, help="KNN actors on CPU (with GPUs: one per GPU)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    q.add_argument("--preview", type=int, default=0, metavar="N", help="write a grid of N synthetic images and their pairs")
+    q.add_argument("--out-png", default=None, help="where --preview writes its PNG")
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(fn=_pairs)
+
+    t = sub.add_parser("translate", help="translate a synthetic dataset with a trained generator (same layout, labels copied)")
+    t.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training run's --out (its latest checkpoint)")
+    t.add_argument("--dataset", required=True, help="synthetic dataset root, local or s3://")
+    t.add_argument("--layout", required=True, choices=["cityscapes", "synscapes", "gta5", "folder"])
+    t.add_argument("--split", default=None, help="cityscapes split (default train)")
+    t.add_argument("--out", required=True, help="output folder or s3:// prefix (gets the input's layout)")
+    t.add_argument("--batch-size", type=int, default=8, help="images per generator batch")
+    t.add_argument("--actors", type=int, default=None, help="generator actors (default: one per GPU, else CPUs / 2)")
+    t.add_argument("--no-amp", action="store_true", help="full fp32 on GPU (default: fp16 autocast)")
+    t.add_argument("--force", action="store_true", help="translate everything again even if up to date")
+    t.set_defaults(fn=_translate)
+
+    z = sub.add_parser("fid", help="Frechet Inception Distance between two folders of images (pytorch-fid's numbers)")
+    z.add_argument("--a", required=True, help="folder of images (searched recursively), local or s3://")
+    z.add_argument("--b", required=True, help="folder of images (searched recursively), local or s3://")
+    z.add_argument("--inception-weights", default=None, metavar="PATH|URI",
+                   help="pytorch-fid's pt_inception-2015-12-05 weights file (default: $SYNREAL_INCEPTION_WEIGHTS)")
+    z.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048], help="Inception feature size")
+    z.add_argument("--size", default=None, metavar="HxW", help="resize images to HxW first (e.g. 256x512)")
+    z.add_argument("--max-images", type=int, default=None, help="a seeded random subset of N images per set")
+    z.add_argument("--cache", default=None, help="activation cache folder or s3:// prefix "
+                                                 "(default: $SYNREAL_FID_CACHE or ~/.cache/synreal/fid)")
+    z.add_argument("--batch-size", type=int, default=50)
+    z.add_argument("--actors", type=int, default=None, help="Inception actors (default: one per GPU, else CPUs / 2)")
+    z.set_defaults(fn=_fid)
     return p
 
 
