@@ -88,3 +88,12 @@ def list_dataset(root: str, layout: str, split: str | None = None) -> tuple[list
             msg += f"; the folder looks like the {' or '.join(repr(h) for h in hint)} layout"
         raise ValueError(msg)
     return sorted(samples, key=lambda s: s.id), problems
+
+
+def image_root(root: str, layout: str, split: str | None = None) -> str:
+    """The folder that holds a dataset's images and nothing else (what FID should look at)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "cityscapes":
+        return storage.join(root, "leftImg8bit", split or "train")
+    return storage.join(root, *_MARKERS[layout].split("/"))

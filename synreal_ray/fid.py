@@ -1,0 +1,505 @@
+"""Fréchet Inception Distance between two folders of images (local or s3://), pytorch-fid's numbers.
+
+The network is pytorch-fid's own `InceptionV3` (the port of TensorFlow's FID Inception,
+`use_fid_inception=True`) and the distance is its `calculate_frechet_distance`; the images are
+prepared as its command does (RGB, ToTensor, bilinear resize to 299 and scaling to [-1, 1] inside
+the network), so a value here equals `python -m pytorch_fid A B --dims D` with the same weights.
+What differs: folders are searched recursively, images may have different sizes, the
+activations are computed by an actor pool on Ray Data (GPU actors where the cluster has GPUs),
+and they are cached as Parquet keyed by a fingerprint of (image listing, weights, dims, size),
+so a fixed set (the real one) is computed once.
+
+Offline: nothing is downloaded. The weights come from `--inception-weights` (a local or s3://
+file in pytorch-fid's `pt_inception-2015-12-05` state-dict format), else $SYNREAL_INCEPTION_WEIGHTS,
+else the file pytorch-fid itself would have downloaded into torch's hub cache.
+
+Cache layout (one entry per image set): <cache>/<key>/acts/part-*.parquet (rel, act[dims]),
+stage.json, _SUCCESS. An entry without _SUCCESS is resumed (only the missing images are computed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from synreal_ray import storage
+
+DIMS = (64, 192, 768, 2048)
+WEIGHTS_ENV = "SYNREAL_INCEPTION_WEIGHTS"
+CACHE_ENV = "SYNREAL_FID_CACHE"
+# pytorch-fid's own extensions (it globs these; we search recursively and ignore case)
+IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1  # bump when the activation definition changes: old cache entries stop matching
+
+
+class SmallSampleWarning(UserWarning):
+    """Fewer images than feature dimensions: the covariance is rank-deficient and FID biased."""
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+def _fid_weights_url() -> str:
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    return FID_WEIGHTS_URL
+
+
+def hub_weights_path() -> str:
+    """Where pytorch-fid's own download would have put the weights (used when present)."""
+    import torch
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_fid_weights_url()))
+
+
+def find_weights(weights: str | None = None) -> str:
+    """The weights file to use: the argument, else $SYNREAL_INCEPTION_WEIGHTS, else torch's hub
+    cache. Raises FileNotFoundError saying how to provide one."""
+    if weights:
+        if not storage.exists(weights):
+            raise FileNotFoundError(f"{weights}: Inception weights file not found")
+        return weights
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        if not storage.exists(env):
+            raise FileNotFoundError(f"{env} (from ${WEIGHTS_ENV}): Inception weights file not found")
+        return env
+    hub = hub_weights_path()
+    if os.path.exists(hub):
+        return hub
+    raise FileNotFoundError(
+        "no Inception weights for FID (nothing is downloaded at run time). On a machine with internet, "
+        f"download pytorch-fid's FID Inception weights (~92 MB) from {_fid_weights_url()} , copy the file "
+        f"here or to object storage, and pass --inception-weights PATH|s3://URI, or set {WEIGHTS_ENV}=PATH|s3://URI, "
+        f"or place it at {hub}")
+
+
+def read_state_dict(data: bytes, uri: str = "<bytes>") -> dict:
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{uri}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri}: expected a state dict of pytorch-fid's FID Inception, got {type(state).__name__}")
+    return state
+
+
+_build_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _offline_fid_inception(state_dict_for):
+    """While active, pytorch-fid builds its FID Inception with the state dict returned by
+    `state_dict_for(net)` instead of downloading FID_WEIGHTS_URL. Patching its loader (not
+    re-implementing `fid_inception_v3`) keeps the network exactly pytorch-fid's."""
+    import pytorch_fid.inception as pfi
+
+    built = {}
+    make_base = pfi._inception_v3
+
+    def capture(*args, **kwargs):  # the torchvision Inception3 that fid_inception_v3 patches and loads
+        built["net"] = make_base(*args, **kwargs)
+        return built["net"]
+
+    def load(url, *args, **kwargs):
+        if url != pfi.FID_WEIGHTS_URL:
+            raise RuntimeError(f"unexpected weights download {url} (only the FID weights are handled offline)")
+        return state_dict_for(built["net"])
+
+    with _build_lock:
+        saved = pfi._inception_v3, pfi.load_state_dict_from_url
+        pfi._inception_v3, pfi.load_state_dict_from_url = capture, load
+        try:
+            yield
+        finally:
+            pfi._inception_v3, pfi.load_state_dict_from_url = saved
+
+
+def load_inception(weights, dims: int = 2048, device="cpu"):
+    """pytorch-fid's InceptionV3 for `dims` (64, 192, 768 or 2048) in eval mode on `device`.
+
+    weights: a local or s3:// file, its bytes, or a state dict (pytorch-fid's format)."""
+    from pytorch_fid.inception import InceptionV3
+
+    if dims not in DIMS:
+        raise ValueError(f"dims: {dims} is not one of {DIMS} (pytorch-fid's feature sizes)")
+    name = weights if isinstance(weights, str) else "Inception weights"
+    if isinstance(weights, str):
+        weights = storage.read_bytes(weights)
+    state = read_state_dict(weights, name) if isinstance(weights, (bytes, bytearray, memoryview)) else weights
+    try:
+        with _offline_fid_inception(lambda net: state):
+            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes
+        raise ValueError(f"{name}: not pytorch-fid's FID Inception weights ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def make_random_inception_weights(path: str, seed: int = 0) -> str:
+    """Write a seeded random-weight file in pytorch-fid's FID Inception format to `path` (local or
+    s3://). For tests and demos only: FIDs with it are not comparable with published ones.
+
+    He-normal convolutions and identity batch norms keep activations at a usable scale through the
+    ~100 layers (PyTorch's default init shrinks them towards zero, which makes every FID ~0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randomise(net):
+        for name, m in net.named_modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.01, generator=g)
+                torch.nn.init.zeros_(m.bias)
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    from pytorch_fid.inception import fid_inception_v3
+
+    with torch.no_grad(), _offline_fid_inception(randomise):
+        net = fid_inception_v3()
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    storage.write_bytes(path, buf.getvalue())
+    return path
+
+
+# --- the pure core ----------------------------------------------------------------------------
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'HxW' -> (H, W); None stays None (images keep their size)."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size: {text!r} is not HxW (e.g. 256x512)") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--size: {text!r} must be positive")
+    return h, w
+
+
+def load_image(data: bytes, size: tuple[int, int] | None = None, uri: str = "<bytes>") -> np.ndarray:
+    """Image bytes -> uint8 (H, W, 3) RGB as pytorch-fid reads it; with `size` (H, W) resized
+    first with PIL's bilinear filter (antialiased when shrinking)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{uri}: unreadable image ({e})") from None
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def activations(images, model) -> np.ndarray:
+    """Inception activations (N, dims) float32 of uint8 RGB images: an (N, H, W, 3) array or a list
+    of (H, W, 3) arrays of any sizes (equal sizes run as one batch)."""
+    import torch
+    from torch.nn.functional import adaptive_avg_pool2d
+
+    images = list(images)
+    device = next(model.parameters()).device
+    out: list = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(np.shape(im), []).append(i)
+    for idx in by_shape.values():
+        x = torch.from_numpy(np.stack([images[i] for i in idx])).to(device)
+        # what ToTensor does to a uint8 image: HWC -> CHW, float, / 255
+        x = x.permute(0, 3, 1, 2).float().div(255)
+        with torch.no_grad():
+            pred = model(x)[0]
+        if pred.shape[2:] != (1, 1):  # dims < 2048: global average pool, as pytorch-fid does
+            pred = adaptive_avg_pool2d(pred, output_size=(1, 1))
+        pred = pred[:, :, 0, 0].float().cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = pred[j]
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+def statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance in float64, as pytorch-fid computes them."""
+    acts = np.asarray(acts, dtype=np.float64)
+    if acts.ndim != 2 or len(acts) < 2:
+        raise ValueError(f"FID needs at least 2 images; got activations of shape {acts.shape}")
+    return acts.mean(axis=0), np.cov(acts, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """pytorch-fid's Fréchet distance between two Gaussians (its function, not a re-implementation)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def small_sample_message(n: int, dims: int, what: str) -> str | None:
+    if n < dims:
+        return (f"{what}: {n} images for {dims}-dimensional features: the covariance is rank-deficient "
+                f"and the FID biased (use at least {dims} images, or fewer --dims)")
+    return None
+
+
+# --- listing and cache keys ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageFile:
+    uri: str
+    rel: str  # path relative to the set's root, forward slashes
+    size: int  # bytes
+    mtime_ns: int
+
+
+def list_images(root: str, max_images: int | None = None, seed: int = 0) -> list[ImageFile]:
+    """Image files under `root` (recursive), sorted; with max_images a seeded random subset."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(root)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{root}: no such folder")
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = []
+    for f in infos:
+        if f.type != pafs.FileType.File or not f.path.lower().endswith(IMAGE_EXTS):
+            continue
+        uri = f"s3://{f.path}" if storage.is_s3(root) else f.path
+        rel = os.path.basename(f.path) if f.path == path else storage.relpath(uri, root)
+        files.append(ImageFile(uri, rel, int(f.size or 0), int(f.mtime_ns or 0)))
+    files.sort(key=lambda f: f.rel)
+    if not files:
+        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
+    if max_images is not None and len(files) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
+        files = [files[i] for i in keep]
+    return files
+
+
+def cache_key(files: list[ImageFile], weights_sha256: str, dims: int, size) -> str:
+    """Fingerprint of what the activations depend on. Names, byte sizes and modification times
+    stand in for content: re-written images (a new translation) get a new key without hashing
+    every image."""
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "weights": weights_sha256, "dims": dims,
+                                   "size": list(size) if size else None}).encode())
+    for f in files:
+        h.update(f"\n{f.rel}|{f.size}|{f.mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "synreal", "fid")
+
+
+# --- the Ray shell ---------------------------------------------------------------------------
+
+def _act_schema(dims: int):
+    import pyarrow as pa
+
+    return pa.schema([("rel", pa.string()), ("act", pa.list_(pa.float32(), dims))])
+
+
+def _acts_table(rels: list[str], acts: np.ndarray, dims: int):
+    import pyarrow as pa
+
+    flat = pa.array(np.asarray(acts, np.float32).reshape(-1), pa.float32())
+    return pa.table({"rel": pa.array(rels, pa.string()), "act": pa.FixedSizeListArray.from_arrays(flat, dims)},
+                    schema=_act_schema(dims))
+
+
+class InceptionActor:
+    """Ray Data actor: loads Inception once, then turns batches of image URIs into activation
+    Parquet parts in their cache entries (one part per entry per batch, named by its rows, so a
+    retried batch overwrites its own part). Returns only counts: activations never pass through
+    the driver."""
+
+    def __init__(self, weights, dims: int, size=None, device: str = "cpu"):
+        import ray
+
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        self.model = load_inception(weights, dims, device)
+        self.dims, self.size = dims, size
+
+    def __call__(self, batch: dict) -> dict:
+        images = [load_image(storage.read_bytes(str(u)), self.size, str(u)) for u in batch["uri"]]
+        acts = activations(images, self.model)
+        entries = [str(e) for e in batch["entry"]]
+        for entry in sorted(set(entries)):
+            idx = [i for i, e in enumerate(entries) if e == entry]
+            rels = [str(batch["rel"][i]) for i in idx]
+            storage.write_parquet(_acts_table(rels, acts[idx], self.dims),
+                                  storage.join(entry, "acts", storage.part_name(rels)))
+        return {"n": np.array([len(images)])}
+
+
+def _cached_acts(entry: str, dims: int):
+    """Activations already in a cache entry: {rel: row index} and the (N, dims) matrix."""
+    import pyarrow.parquet as pq
+
+    parts = storage.list_files(storage.join(entry, "acts"), ".parquet")
+    if not parts:
+        return [], np.zeros((0, dims), np.float32)
+    fs, path = storage.resolve(storage.join(entry, "acts"))
+    table = pq.read_table(path, filesystem=fs, schema=_act_schema(dims))
+    rels = table.column("rel").to_pylist()
+    col = table.column("act").combine_chunks()
+    acts = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dims)
+    return rels, acts
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def actor_resources(actors: int | None = None, device: str = "auto") -> tuple[int, dict, str]:
+    """(pool size, Ray resources per actor, the actors' torch device) for an actor pool.
+
+    auto: one actor per GPU when the cluster has GPUs, else one single-threaded CPU actor per two
+    logical CPUs (Ray gives a 1-CPU actor OMP_NUM_THREADS=1, so actors do not fight over cores;
+    the other half is left to the tasks that feed them)."""
+    import ray
+
+    if device not in DEVICES:
+        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
+    res = ray.cluster_resources()
+    gpus = res.get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise ValueError("--device cuda: the Ray cluster has no GPU")
+    if gpus and device != "cpu":
+        n = actors or int(gpus)
+        return n, {"num_gpus": min(1.0, gpus / n)}, "cuda"  # more actors than GPUs share them
+    return actors or max(1, int(res.get("CPU", 1)) // 2), {"num_cpus": 1}, "cpu"
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    a: str
+    b: str
+    weights: str | None = None
+    dims: int = 2048
+    size: str | None = None  # "HxW": resize before Inception (Inception itself then resizes to 299)
+    max_images: int | None = None
+    cache: str | None = None
+    batch_size: int = 50
+    actors: int | None = None
+    seed: int = 0  # of the --max-images subset
+    device: str = "auto"  # of the Inception actors: auto (GPU when the cluster has one), cpu or cuda
+
+    def __post_init__(self):
+        if self.dims not in DIMS:
+            raise ValueError(f"--dims: {self.dims} is not one of {', '.join(map(str, DIMS))}")
+        parse_size(self.size)
+        if self.max_images is not None and self.max_images < 2:
+            raise ValueError("--max-images must be at least 2")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device: {self.device!r} is not one of {', '.join(DEVICES)}")
+
+
+def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights: bytes) -> list[dict]:
+    """Activations of each image set in `roots`, from the cache or computed (one Ray Data pipeline
+    over every missing image, so the actors load Inception once). Returns per set:
+    {"acts", "key", "entry", "images", "computed", "root"}, and the pipeline's rates when it ran."""
+    from synreal_ray.stage import Stage
+
+    size = parse_size(cfg.size)
+    wsha = hashlib.sha256(weights).hexdigest()
+    cache = cfg.cache or default_cache()
+    sets, todo, seen = [], [], set()
+    for root in roots:
+        files = list_images(root, cfg.max_images, cfg.seed)
+        key = cache_key(files, wsha, cfg.dims, size)
+        entry = storage.join(cache, key)
+        info = {"root": root, "key": key, "entry": entry, "images": len(files), "files": files, "computed": 0}
+        if not storage.is_complete(entry) and entry not in seen:
+            have = set(_cached_acts(entry, cfg.dims)[0])  # parts left by an interrupted run
+            missing = [f for f in files if f.rel not in have]
+            todo += [{"uri": f.uri, "rel": f.rel, "entry": entry} for f in missing]
+            info["computed"] = len(missing)
+        seen.add(entry)
+        sets.append(info)
+
+    if todo:
+        import ray
+
+        from synreal_ray.cluster import init_ray
+
+        init_ray()
+        n_actors, resources, device = actor_resources(cfg.actors, cfg.device)
+        t0 = time.time()
+        blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
+        n_actors = min(n_actors, blocks)  # an actor without a block would only cost its start-up
+        ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        out = ds.map_batches(InceptionActor, fn_constructor_kwargs={"weights": ray.put(weights), "dims": cfg.dims,
+                                                                      "size": size, "device": device},
+                             compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=cfg.batch_size,
+                             batch_format="numpy", **resources)
+        done, first, after_first = 0, None, 0
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            n = int(batch["n"].sum())
+            done += n
+            if first is None:  # an actor is up: the rate from here on leaves start-up out (roughly)
+                first = time.time()
+            else:
+                after_first += n
+        seconds = time.time() - t0
+        rates = {"images_per_s": round(done / max(seconds, 1e-9), 2), "actors": n_actors,
+                 "steady_images_per_s": round(after_first / (time.time() - first), 2) if after_first else None}
+        for info in sets:
+            if info["computed"] and not storage.is_complete(info["entry"]):
+                stage = Stage("fid-activations", info["entry"], {})
+                stage.fp, stage.started = info["key"], t0
+                stage.publish(images=info["images"], root=info["root"], weights=weights_uri, dims=cfg.dims,
+                              size=cfg.size, computed=info["computed"], **rates)
+            info.update(rates)
+
+    for info in sets:
+        rels, acts = _cached_acts(info["entry"], cfg.dims)
+        row = {}
+        for i, r in enumerate(rels):  # a retried or resumed batch may have left a duplicate row
+            row.setdefault(r, i)
+        wanted = [f.rel for f in info.pop("files")]
+        lost = [r for r in wanted if r not in row]
+        if lost:
+            raise FileNotFoundError(
+                f"{info['entry']}: activations of {len(lost)} image(s) are missing (e.g. {lost[0]}); on a "
+                f"multi-node cluster --cache must be shared storage such as s3://")
+        info["acts"] = acts[[row[r] for r in wanted]]
+    return sets
+
+
+def run_fid(cfg: FidConfig) -> dict:
+    """FID between folders cfg.a and cfg.b: {"fid", "a": {...}, "b": {...}, "weights", "dims", "warnings"}."""
+    weights_uri = find_weights(cfg.weights)
+    weights = storage.read_bytes(weights_uri)
+    read_state_dict(weights, weights_uri)  # a bad file fails here, on the driver, with its name
+    a, b = set_activations([cfg.a, cfg.b], cfg, weights_uri, weights)
+    notes = []
+    for name, s in (("--a", a), ("--b", b)):
+        msg = small_sample_message(s["images"], cfg.dims, f"{name} {s['root']}")
+        if msg:
+            warnings.warn(msg, SmallSampleWarning, stacklevel=2)
+            notes.append(msg)
+    mu1, s1 = statistics(a.pop("acts"))
+    mu2, s2 = statistics(b.pop("acts"))
+    value = frechet_distance(mu1, s1, mu2, s2)
+    return {"fid": value, "a": a, "b": b, "weights": weights_uri, "dims": cfg.dims, "size": cfg.size,
+            "warnings": notes}

@@ -1,0 +1,426 @@
+"""Stage `translate`: a synthetic dataset -> the same dataset made real-looking by a trained generator.
+
+Ray Data lists the dataset's images; an actor pool (one actor per GPU, else CPU actors) loads the
+synthetic -> real generator once per actor and translates batches at the images' full resolution
+(fp16 autocast on GPU). The output is a ready training set in the input's layout:
+
+  <out>/<same relative image paths>   translated images (same names and format)
+  <out>/<same relative label paths>   label maps, copied byte for byte
+  <out>/manifest.parquet              id, source_uri, output_uri, label_source_uri, label_uri, height,
+                                      width, size (bytes of the written image), checksum (its sha256),
+                                      label_checksum
+  <out>/stage.json, <out>/_SUCCESS    written last
+
+Resumable and idempotent: each actor batch writes its images and labels (each object whole), then
+a journal part `_manifest/part-*.parquet` naming them. A re-run after a crash keeps what the
+journal records and translates the rest; a completed output with the same fingerprint (checkpoint,
+dataset listing, layout) is skipped. The journal is merged into `manifest.parquet` at the end.
+`_started.json` records which run (fingerprint) the journal belongs to: a run with another
+checkpoint or dataset clears the output instead of mixing two translations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from synreal_ray import storage
+from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+
+STATE = "state.pt"
+META = "meta.json"
+JOURNAL = "_manifest"
+STARTED = "_started.json"  # fingerprint of the run the journal belongs to
+MANIFEST = "manifest.parquet"
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+# --- checkpoints (contract of the training stage: a folder with state.pt and meta.json) --------
+
+def _complete(folder: str) -> bool:
+    """state.pt present and, when meta.json records its size ("state_bytes"), of that size: a
+    partly copied or uploaded checkpoint is not one (the training stage's definition)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(folder, STATE))
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return False
+    meta = storage.join(folder, META)
+    want = storage.read_json(meta).get("state_bytes") if storage.exists(meta) else None
+    return want is None or int(want) == info.size
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint folder (holding state.pt) -> itself; a training run's output -> its complete
+    checkpoint with the highest step (meta.json's "step") found anywhere below it."""
+    uri = str(uri).rstrip("/")
+    uri = uri if storage.is_s3(uri) else os.path.abspath(uri)
+    if storage.exists(storage.join(uri, STATE)):
+        if not _complete(uri):
+            raise FileNotFoundError(f"{uri}: incomplete checkpoint ({STATE} is not the size {META} records)")
+        return uri
+    best, best_step = None, -1
+    for meta_uri in storage.list_files(uri, META):
+        if posixpath.basename(meta_uri.replace(os.sep, "/")) != META:
+            continue
+        folder = meta_uri[: -len(META) - 1]
+        try:
+            step = int(storage.read_json(meta_uri)["step"])
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            raise ValueError(f"{meta_uri}: checkpoint meta.json without an integer 'step'") from None
+        if step > best_step and _complete(folder):  # skips one being written, or another meta.json
+            best, best_step = folder, step
+    if best is None:
+        raise FileNotFoundError(f"{uri}: no complete checkpoint here (a folder with {STATE} and {META}) or below it")
+    return best
+
+
+def read_generator(checkpoint_uri: str) -> dict:
+    """The synthetic -> real generator of a checkpoint as a small picklable payload
+    {model_name, model_config, step, state} (the generator's state dict only, no discriminators
+    or optimisers), so actors anywhere on the cluster get it through the object store."""
+    import torch
+
+    from synreal_ray.models import build_model
+
+    uri = storage.join(checkpoint_uri, STATE)
+    try:  # weights_only: the training stage saves tensors, numbers and strings only; no pickled code
+        ckpt = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{uri}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for key in ("model_name", "model_config", "model"):
+        if key not in ckpt:
+            raise ValueError(f"{uri}: checkpoint lacks key {key!r} (has {sorted(ckpt)})")
+    model = build_model(ckpt["model_name"], **ckpt["model_config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{uri}: model state does not fit {ckpt['model_name']} {ckpt['model_config']} "
+                         f"({str(e).splitlines()[0]})") from None
+    gen = {k: v.clone() for k, v in model.generator_s2r().state_dict().items()}
+    return {"model_name": ckpt["model_name"], "model_config": dict(ckpt["model_config"]),
+            "step": ckpt.get("step"), "state": gen}
+
+
+def generator_from_payload(payload: dict, device="cpu"):
+    """(generator module in eval mode on `device`, size multiple its input needs)."""
+    from synreal_ray.models import build_model, default_config
+
+    name, cfg = payload["model_name"], payload["model_config"]
+    model = build_model(name, **cfg)
+    gen = model.generator_s2r()
+    gen.load_state_dict(payload["state"])
+    n_down = cfg.get("n_downsample", default_config(name)["n_downsample"])
+    return gen.to(device).eval(), 2 ** int(n_down)
+
+
+def load_generator(checkpoint_uri: str, device="cpu"):
+    """Generator of a checkpoint (or of the latest checkpoint of a run): (module, size multiple)."""
+    return generator_from_payload(read_generator(resolve_checkpoint(checkpoint_uri)), device)
+
+
+# --- the pure core ----------------------------------------------------------------------------
+
+def translate_batch(gen, images: list[np.ndarray], multiple: int = 4, amp: bool = True) -> list[np.ndarray]:
+    """uint8 RGB (H, W, 3) images of any sizes -> translated uint8 images of the same sizes.
+
+    Equal sizes run as one batch. The generator needs H, W divisible by `multiple`: images are
+    reflect-padded up to it and cropped back, so any full resolution works. amp: fp16 autocast on
+    CUDA (ignored on CPU)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    device = next(gen.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else contextlib.nullcontext()
+    out: list = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(im.shape, []).append(i)
+    for (h, w, _), idx in by_shape.items():
+        x = torch.from_numpy(np.stack([images[i] for i in idx])).to(device)
+        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1]
+        ph, pw = (-h) % multiple, (-w) % multiple
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        with torch.no_grad(), autocast:
+            y = gen(x)
+        y = y[:, :, :h, :w].float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        y = y.permute(0, 2, 3, 1).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = y[j]
+    return out
+
+
+def decode_rgb(data: bytes, uri: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{uri}: unreadable or truncated image ({e})") from None
+
+
+def encode_image(arr: np.ndarray, name: str) -> bytes:
+    """uint8 RGB -> bytes in the format of `name`'s extension (PNG lossless; JPEG at quality 95)."""
+    from PIL import Image
+
+    fmt = FORMATS.get(posixpath.splitext(name)[1].lower(), "PNG")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- the Ray shell ---------------------------------------------------------------------------
+
+MANIFEST_FIELDS = (("id", "string"), ("source_uri", "string"), ("output_uri", "string"),
+                   ("label_source_uri", "string"), ("label_uri", "string"), ("height", "int32"),
+                   ("width", "int32"), ("size", "int64"), ("checksum", "string"), ("label_checksum", "string"))
+
+
+def manifest_schema():
+    import pyarrow as pa
+
+    return pa.schema([(k, getattr(pa, t)()) for k, t in MANIFEST_FIELDS])
+
+
+class Translator:
+    """Ray Data actor: the generator is loaded once; each batch's images and labels are written
+    whole, then the batch's journal part (named after its ids: a retried batch rewrites it)."""
+
+    def __init__(self, generator, journal: str, amp: bool = True, device: str = "cpu"):
+        import ray
+
+        if isinstance(generator, ray.ObjectRef):
+            generator = ray.get(generator)
+        self.gen, self.multiple = generator_from_payload(generator, device)
+        self.journal, self.amp = journal, amp
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+
+        # A bad image is reported in the summary, not raised: the rest of the batch (and of the
+        # dataset) is still translated and journaled, so fixing the file and re-running is cheap.
+        ok, images, errors = [], [], []
+        for i, u in enumerate(str(u) for u in batch["image_uri"]):
+            try:
+                images.append(decode_rgb(storage.read_bytes(u), u))
+                ok.append(i)
+            except (ValueError, FileNotFoundError) as e:
+                errors.append(str(e))
+        translated = translate_batch(self.gen, images, self.multiple, self.amp)
+        rows = {k: [] for k, _ in MANIFEST_FIELDS}
+        for i, y in zip(ok, translated):
+            src = str(batch["image_uri"][i])
+            out, lab_src, lab_out = str(batch["output_uri"][i]), str(batch["label_uri"][i]), str(batch["label_out"][i])
+            data = encode_image(y, out)
+            storage.write_bytes(out, data)
+            label = storage.read_bytes(lab_src)
+            storage.write_bytes(lab_out, label)
+            for k, v in zip(rows, (str(batch["id"][i]), src, out, lab_src, lab_out, y.shape[0], y.shape[1],
+                                   len(data), sha256(data), sha256(label))):
+                rows[k].append(v)
+        if rows["id"]:  # after its images: a journal row always names objects that exist whole
+            storage.write_parquet(pa.table(rows, schema=manifest_schema()),
+                                  storage.join(self.journal, storage.part_name(rows["id"])))
+        return {"n": np.array([len(rows["id"])]), "errors": np.array([json.dumps(errors)])}
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    checkpoint: str
+    dataset: str
+    layout: str
+    out: str
+    split: str | None = None
+    batch_size: int = 8
+    actors: int | None = None
+    amp: bool = True
+    device: str = "auto"  # of the generator actors: auto (GPU when the cluster has one), cpu or cuda
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device: {self.device!r} is not one of auto, cpu, cuda")
+
+
+def _read_journal(out: str):
+    import pyarrow.parquet as pq
+
+    parts = storage.list_files(storage.join(out, JOURNAL), ".parquet")
+    if not parts:
+        return manifest_schema().empty_table()
+    fs, path = storage.resolve(storage.join(out, JOURNAL))
+    return pq.read_table(path, filesystem=fs, schema=manifest_schema())
+
+
+def _remove_temporaries(out: str) -> int:
+    """Local writes go through `<name>.tmp-<hex>` + rename: a kill in between leaves the
+    temporary behind (S3 has no such remains: an unfinished PUT never appears)."""
+    if storage.is_s3(out):
+        return 0
+    stale = [u for u in storage.list_files(out) if ".tmp-" in os.path.basename(u)]
+    for u in stale:
+        os.remove(u)
+    return len(stale)
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, unit="img", desc="translate", file=sys.stderr,
+                    mininterval=1.0, dynamic_ncols=True)
+    except ImportError:  # progress is a nicety
+        return None
+
+
+def _manifest_from_journal(out: str, samples) -> "pa.Table":  # noqa: F821
+    """One row per sample, in id order, from the journal; duplicates (a batch retried, or
+    re-done by a resumed run while a killed one was still writing) are reconciled against the
+    object actually stored."""
+    import pyarrow as pa
+
+    rows = _read_journal(out).to_pylist()
+    by_id: dict[str, dict] = {}
+    for r in rows:
+        prev = by_id.get(r["id"])
+        if prev is not None and (prev["checksum"], prev["label_checksum"]) != (r["checksum"], r["label_checksum"]):
+            data = storage.read_bytes(r["output_uri"])
+            r = {**r, "size": len(data), "checksum": sha256(data)}
+        by_id[r["id"]] = r
+    missing = [s.id for s in samples if s.id not in by_id]
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} image(s) were not translated (e.g. {missing[0]})")
+    ordered = [by_id[s.id] for s in samples]
+    stored = set(storage.list_files(out))
+    absent = [r["output_uri"] for r in ordered if r["output_uri"] not in stored] + \
+             [r["label_uri"] for r in ordered if r["label_uri"] not in stored]
+    if absent:
+        raise RuntimeError(f"{absent[0]}: listed in the journal but not stored ({len(absent)} missing)")
+    return pa.Table.from_pylist(ordered, schema=manifest_schema())
+
+
+def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
+    """Run (or resume, or skip) the stage; returns its stage.json record (+ "skipped")."""
+    from synreal_ray.stage import STAGE_JSON, Stage, fingerprint
+
+    samples, problems = list_dataset(cfg.dataset, cfg.layout, cfg.split)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0].uri}: {problems[0].reason}{more}")
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    fs, path = storage.resolve(storage.join(ckpt, STATE))
+    st = fs.get_file_info(path)  # size and time stand in for the weights: a re-saved checkpoint re-translates
+    settings = {"checkpoint": ckpt, "checkpoint_state": [st.size, st.mtime_ns], "dataset": cfg.dataset,
+                "layout": cfg.layout, "split": cfg.split, "amp": cfg.amp,
+                "listing": hashlib.sha1("\n".join(f"{s.id}|{s.image_uri}|{s.label_uri}" for s in samples).encode()).hexdigest()}
+    stage = Stage("translate", cfg.out, settings)
+    stage.fp, stage.started = fingerprint(settings), time.time()
+    out = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
+    stage.out = out
+
+    if not force and storage.is_complete(out) and stage_fp(out) == stage.fp:
+        return {"skipped": True, **storage.read_json(storage.join(out, STAGE_JSON))}
+    started = storage.join(out, STARTED)
+    resuming = (not force and not storage.is_complete(out) and storage.exists(started)
+                and storage.read_json(started).get("fingerprint") == stage.fp)
+    if resuming:
+        removed = _remove_temporaries(out)
+        done = set(_read_journal(out).column("id").to_pylist())
+    else:  # a different checkpoint or dataset, --force, or not ours: start from nothing
+        storage.delete_dir(out)
+        storage.makedirs(out)
+        storage.write_json(started, {"fingerprint": stage.fp, "settings": settings})
+        removed, done = 0, set()
+
+    root = str(cfg.dataset).rstrip("/")
+    todo = [{"id": s.id, "image_uri": s.image_uri, "label_uri": s.label_uri,
+             "output_uri": storage.join(out, storage.relpath(s.image_uri, root)),
+             "label_out": storage.join(out, storage.relpath(s.label_uri, root))}
+            for s in samples if s.id not in done]
+    t0 = time.time()
+    actors, first, after_first = 0, None, 0
+    if todo:
+        import ray
+
+        from synreal_ray.cluster import init_ray
+        from synreal_ray.fid import actor_resources
+
+        init_ray()
+        actors, resources, device = actor_resources(cfg.actors, cfg.device)
+        blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
+        actors = min(actors, blocks)  # an actor without a block would only cost its start-up
+        payload = ray.put(read_generator(ckpt))
+        ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        kwargs = {"generator": payload, "amp": cfg.amp, "device": device, "journal": storage.join(out, JOURNAL)}
+        results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
+                                 compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
+                                 batch_format="numpy", **resources)
+        bar = _progress(len(samples), len(done))
+        errors = []
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for e in batch["errors"]:
+                errors.extend(json.loads(e))
+            n = int(batch["n"].sum())
+            if first is None:  # an actor is up: the rate from here on leaves start-up out (roughly)
+                first = time.time()
+            else:
+                after_first += n
+            if bar is not None:
+                bar.update(n)
+        if bar is not None:
+            bar.close()
+        if errors:  # unpublished; what was translated stays journaled for the re-run
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise ValueError(f"{errors[0]}{more}; fix and re-run: the {len(samples) - len(errors)} translated "
+                             f"images are kept")
+    seconds = time.time() - t0
+    steady = round(after_first / (time.time() - first), 2) if after_first else None
+
+    storage.write_parquet(_manifest_from_journal(out, samples), storage.join(out, MANIFEST))
+    record = stage.publish(images=len(samples), translated=len(todo), resumed_from=len(done),
+                           removed_temporaries=removed, actors=actors, checkpoint=ckpt,
+                           step=_checkpoint_step(ckpt),
+                           translate_seconds=round(seconds, 3),
+                           images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None,
+                           steady_images_per_s=steady,
+                           config={k: v for k, v in asdict(cfg).items() if k != "out"})
+    # housekeeping after _SUCCESS: the manifest holds everything the journal did
+    storage.delete_dir(storage.join(out, JOURNAL))
+    fs, path = storage.resolve(started)
+    fs.delete_file(path)
+    return record
+
+
+def _checkpoint_step(ckpt: str) -> int | None:
+    meta = storage.join(ckpt, META)
+    return storage.read_json(meta).get("step") if storage.exists(meta) else None
+
+
+def stage_fp(out: str) -> str | None:
+    try:
+        return storage.read_json(storage.join(out, "stage.json")).get("fingerprint")
+    except FileNotFoundError:
+        return None
