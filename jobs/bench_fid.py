@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe  # noqa: E402
+from machine import describe, pool_row  # noqa: E402
 
 from synreal_ray import fid, storage  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
@@ -79,10 +79,8 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         info = fid.set_activations([root], cfg, weights_uri, weights)[0]
         pool = len(files) / (time.perf_counter() - t)
-        steady = info["steady_images_per_s"] or float("nan")
         label = "CPU" if device == "cpu" else f"GPU ({torch.cuda.get_device_name(0)})"
-        print(f"| {label} | {plain:.2f} | {pool:.2f} | {steady:.2f} | {info['actors']} | "
-              f"{pool / plain:.2f}, {steady / plain:.2f} |")
+        print(pool_row(label, plain, pool, info["steady_images_per_s"], info["actors"]))
     if not torch.cuda.is_available():
         print("| GPU | skipped: no GPU in this session | | | | |")
     storage.delete_dir(tmp)

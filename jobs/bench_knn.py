@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -23,6 +21,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from machine import describe  # noqa: E402
 from synreal_ray.knn import KnnIndex, brute_force_knn, gpu_available, measure_recall  # noqa: E402
 
 CLASSES = 19
@@ -47,25 +46,8 @@ def spfeat_like(n: int, rng: np.random.Generator, layouts: np.ndarray, chunk: in
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = "none"
-    if faiss.get_num_gpus() > 0:
-        try:
-            gpu = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
-            ).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            gpu = f"{faiss.get_num_gpus()} GPU(s)"
-    return (
-        f"CPU: {cpu}, {cores} cores usable; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads; "
-        f"numpy {np.__version__}; GPU: {gpu}"
-    )
+    return (f"{describe()}; faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads, "
+            f"{faiss.get_num_gpus()} GPU(s) visible to faiss; numpy {np.__version__}")
 
 
 def best_time(fn, repeat: int):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe  # noqa: E402
+from machine import describe, pool_row  # noqa: E402
 
 from synreal_ray import storage  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
@@ -105,9 +105,7 @@ def main(argv=None) -> None:
         rec = run_translate(cfg, force=True)
         pool = args.n / (time.perf_counter() - t)
         label = "CPU" if device == "cpu" else f"GPU ({torch.cuda.get_device_name(0)}, fp16 autocast)"
-        steady = rec["steady_images_per_s"] or float("nan")
-        print(f"| {label} | {plain:.2f} | {pool:.2f} | {steady:.2f} | {rec['actors']} | "
-              f"{pool / plain:.2f}, {steady / plain:.2f} |")
+        print(pool_row(label, plain, pool, rec["steady_images_per_s"], rec["actors"]))
     if not torch.cuda.is_available():
         print("| GPU | skipped: no GPU in this session | | | | |")
     storage.delete_dir(tmp)

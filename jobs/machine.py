@@ -22,3 +22,10 @@ def describe() -> str:
     except ImportError:
         pass
     return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}"
+
+
+def pool_row(label: str, plain: float, pool: float, steady: float | None, actors: int) -> str:
+    """A Markdown row of an actor-pool benchmark: images/s of the plain loop, of the pool end to end
+    (start-up included) and steady (from its first result), and both ratios."""
+    steady = steady or float("nan")
+    return f"| {label} | {plain:.2f} | {pool:.2f} | {steady:.2f} | {actors} | {pool / plain:.2f}, {steady / plain:.2f} |"

@@ -51,6 +51,61 @@ def _pairs(a: argparse.Namespace) -> None:
     print(f"pairs: {rec['pairs']} pairs (K={cfg.k}) -> {a.out}{' (up to date, skipped)' if rec.get('skipped') else ''}")
 
 
+def _train(a: argparse.Namespace) -> None:
+    from synreal_ray.config import apply_overrides, load_config
+    from synreal_ray.train import TrainConfig, run_train
+
+    cfg = load_config(a.config, TrainConfig, section="train") if a.config else TrainConfig()
+    cfg = apply_overrides(cfg, {
+        "model": a.model, "syn": a.syn, "syn_layout": a.syn_layout, "real": a.real, "real_layout": a.real_layout,
+        "pairs": a.pairs, "weights": a.weights, "steps": a.steps, "image_size": a.image_size,
+        "batch_size": a.batch_size, "workers": a.workers, "checkpoint_every": a.checkpoint_every, "out": a.out,
+        "resume": True if a.resume else None})
+    rec = run_train(cfg, force=a.force)
+    if rec.get("skipped"):
+        print(f"train: {cfg.out} is up to date (skipped)")
+    outs = rec["outputs"]
+    print(f"train: {rec['steps']} steps of {cfg.model} ({'resumed from step ' + str(rec['resumed_from']) if rec.get('resumed_from') else 'from scratch'})"
+          f"\n  checkpoint:  {outs['checkpoint']}\n  metrics:     {outs['metrics']}"
+          f"\n  loss curves: {outs['loss_curves']}\n  grids:       {outs['grids']}")
+
+
+def _pipeline_overrides(a: argparse.Namespace) -> dict:
+    return {"out": a.out, "fid.inception_weights": a.inception_weights}
+
+
+def _run(a: argparse.Namespace) -> None:
+    from synreal_ray.pipeline import load_pipeline_config, run_pipeline
+
+    run_pipeline(load_pipeline_config(a.config, _pipeline_overrides(a)), force=a.force)
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from synreal_ray import storage
+    from synreal_ray.datasets.demo import make_demo_data
+    from synreal_ray.pipeline import find_config, load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(a.config or find_config("demo.yaml"),
+                               {**_pipeline_overrides(a), "data.syn": storage.join(a.data, "syn"),
+                                "data.real": storage.join(a.data, "real")})
+    if not storage.exists(storage.join(a.data, "syn")):
+        make_demo_data(a.data, num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val)
+    run_pipeline(cfg, force=a.force)
+
+
+def _tune(a: argparse.Namespace) -> None:
+    from synreal_ray.tune import load_sweep_config, run_sweep
+
+    run_sweep(*load_sweep_config(a.config, _pipeline_overrides(a)))
+
+
+def _report(a: argparse.Namespace) -> None:
+    from synreal_ray import storage
+    from synreal_ray.pipeline import load_pipeline_config, write_report
+
+    write_report(load_pipeline_config(storage.join(a.run, "config.yaml"), {"out": a.run}))
+
+
 def _positive_float(text: str, flag: str) -> float:
     try:
         value = float(text)
@@ -74,13 +129,15 @@ def _translate(a: argparse.Namespace) -> None:
     from synreal_ray.translate import TranslateConfig, run_translate
 
     cfg = TranslateConfig(checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out, split=a.split,
-                          batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp)
+                          batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device)
     rec = run_translate(cfg, force=a.force)
     if rec.get("skipped"):
         print(f"translate: {rec['images']} images already translated in {a.out} (up to date, skipped)")
         return
     resumed = f", {rec['resumed_from']} kept from an interrupted run" if rec["resumed_from"] else ""
     rate = f", {rec['images_per_s']} images/s on {rec['actors']} actor(s)" if rec["images_per_s"] else ""
+    if rec.get("steady_images_per_s"):
+        rate += f" ({rec['steady_images_per_s']} once started)"
     print(f"translate: {rec['translated']} of {rec['images']} images with {rec['checkpoint']} (step {rec['step']})"
           f"{resumed}{rate} -> {a.out}")
 
@@ -91,7 +148,7 @@ def _fid(a: argparse.Namespace) -> None:
     from synreal_ray.fid import FidConfig, run_fid
 
     cfg = FidConfig(a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size, max_images=a.max_images,
-                    cache=a.cache, batch_size=a.batch_size, actors=a.actors)
+                    cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # printed below as one line each
         rec = run_fid(cfg)
@@ -171,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8, help="images per generator batch")
     t.add_argument("--actors", type=int, default=None, help="generator actors (default: one per GPU, else CPUs / 2)")
     t.add_argument("--no-amp", action="store_true", help="full fp32 on GPU (default: fp16 autocast)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="actors on GPUs (auto: when present) or CPUs")
     t.add_argument("--force", action="store_true", help="translate everything again even if up to date")
     t.set_defaults(fn=_translate)
 
@@ -186,7 +244,54 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: $SYNREAL_FID_CACHE or ~/.cache/synreal/fid)")
     z.add_argument("--batch-size", type=int, default=50)
     z.add_argument("--actors", type=int, default=None, help="Inception actors (default: one per GPU, else CPUs / 2)")
+    z.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="actors on GPUs (auto: when present) or CPUs")
     z.set_defaults(fn=_fid)
+    tr = sub.add_parser("train", help="train UNIT or CycleGAN with Ray Train on pairs and KLIEP weights")
+    tr.add_argument("--config", default=None, help="YAML with a train: section (defaults apply without it)")
+    tr.add_argument("--model", choices=["unit", "cyclegan"], default=None)
+    tr.add_argument("--syn", default=None, help="synthetic dataset root")
+    tr.add_argument("--syn-layout", default=None)
+    tr.add_argument("--real", default=None, help="real dataset root")
+    tr.add_argument("--real-layout", default=None)
+    tr.add_argument("--pairs", default=None, help="output of `synreal pairs` (without it: random pairing, the baseline)")
+    tr.add_argument("--weights", default=None, help="output of `synreal kliep`")
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--image-size", default=None, help="HxW")
+    tr.add_argument("--batch-size", type=int, default=None, help="global batch, split over the workers")
+    tr.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP)")
+    tr.add_argument("--checkpoint-every", type=int, default=None)
+    tr.add_argument("--out", default=None)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
+    tr.add_argument("--force", action="store_true")
+    tr.set_defaults(fn=_train)
+
+    r = sub.add_parser("run", help="the whole pipeline: features, kliep, pairs, train, translate, FID, report")
+    r.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
+    r.add_argument("--out", default=None, help="override the config's out")
+    r.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    r.add_argument("--force", action="store_true", help="recompute every stage")
+    r.set_defaults(fn=_run)
+
+    m = sub.add_parser("demo", help="make the procedural demo data and run the pipeline on it (configs/demo.yaml)")
+    m.add_argument("--config", default=None, help="default: configs/demo.yaml")
+    m.add_argument("--data", default="data/demo", help="where the demo datasets are written (kept if present)")
+    m.add_argument("--out", default=None, help="default: the config's out (out/demo)")
+    m.add_argument("--num-syn", type=int, default=96)
+    m.add_argument("--num-real", type=int, default=64)
+    m.add_argument("--num-val", type=int, default=32)
+    m.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(fn=_demo)
+
+    t = sub.add_parser("tune", help="Ray Tune sweep over K, SP-Feat levels, KLIEP width, model and weighting against FID")
+    t.add_argument("--config", required=True, help="pipeline YAML with a tune: section (see configs/sweep.yaml)")
+    t.add_argument("--out", default=None, help="override the config's out")
+    t.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    t.set_defaults(fn=_tune)
+
+    rp = sub.add_parser("report", help="FID table and before/after grid of a pipeline run")
+    rp.add_argument("--run", required=True, help="the pipeline's out folder")
+    rp.set_defaults(fn=_report)
     return p
 
 
@@ -195,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise  # a system error with no file named: the stack trace is the only clue
         # Bad input is the user's to fix: one clear line, not a stack trace.
         print(f"error: {e}", file=sys.stderr)
         return 2

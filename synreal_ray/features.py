@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from synreal_ray import storage
 from synreal_ray.datasets.labels import NUM_CLASSES, to_train_ids
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.spfeat import feature_dim, levels_str, parse_levels, sp_feat
+from synreal_ray.spfeat import feature_dim, levels_str, sp_feat
 from synreal_ray.stage import Stage
 
 META_KEY = b"synreal.features"

@@ -38,3 +38,58 @@ def weight_histograms(weights: dict[str, np.ndarray], titles: dict[str, str] | N
         ax.set_ylabel("samples")
     fig.tight_layout()
     return _figure_bytes(fig)
+
+
+def _smooth(values: np.ndarray, factor: float) -> np.ndarray:
+    """TensorBoard-style exponential smoothing (the paper's Figure 7 uses 0.5)."""
+    out = np.empty(len(values), dtype=np.float64)
+    last = values[0] if len(values) else 0.0
+    for i, v in enumerate(values):
+        last = factor * last + (1 - factor) * v
+        out[i] = last
+    return out
+
+
+def loss_curves(runs: dict[str, list[dict]], keys: tuple[str, str] = ("gen_total", "dis_total"),
+                smoothing: float = 0.5) -> bytes:
+    """Generator and discriminator loss curves (PNG bytes), one panel per key, one line per run:
+    `runs` maps a label (e.g. "random pairs", "SP-Feat") to records with "step" and the keys
+    (metrics.jsonl lines). Raw values faint, smoothed values solid, as the paper's Figure 7."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, (label, records) in enumerate(runs.items()):
+            rows = [r for r in records if key in r]
+            if not rows:
+                continue
+            steps = np.array([r["step"] for r in rows])
+            values = np.array([r[key] for r in rows], dtype=np.float64)
+            color = f"C{i}"
+            ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
+            ax.plot(steps, _smooth(values, smoothing), color=color, lw=1.5, label=label)
+        ax.set_title({"gen_total": "generator", "dis_total": "discriminator"}.get(key, key) + f" loss ({key})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend()
+    fig.tight_layout()
+    return _figure_bytes(fig)
+
+
+def image_grid(columns: list[np.ndarray], gap: int = 2) -> bytes:
+    """PNG bytes of a grid: column j shows the images of columns[j] (each (N, H, W, 3) uint8),
+    row i the i-th image of every column; e.g. synthetic | translated | paired real."""
+    from PIL import Image
+
+    n, h, w, _ = columns[0].shape
+    grid = np.full((n * h + (n - 1) * gap, len(columns) * w + (len(columns) - 1) * gap, 3), 255, np.uint8)
+    for j, col in enumerate(columns):
+        for i in range(n):
+            grid[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = col[i]
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,6 +1,5 @@
 """The KLIEP stage on Ray: distributed kernel rows, streamed solve, report, S3, bad input."""
 
-import json
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -1,0 +1,666 @@
+"""Stage `train`: UNIT or CycleGAN on Ray Train (DDP over N workers), fed by Ray Data.
+
+    cfg = TrainConfig(pairs="out/pairs", out="out/train", steps=2000, workers=2)
+    record = run_train(cfg)                       # or: synreal train --config configs/demo.yaml
+    gen, meta = load_generator(latest_checkpoint("out/train"), "cuda")
+
+The flow:
+  driver      lists both datasets (ids -> image URIs), reads the pairs table and weights, checks
+              them by building the sampler, and starts a `TorchTrainer`.
+  controller  at every start of the worker group (first start, restart after a worker died, a
+              `--resume`d job) the datasets are rebuilt (the trainer's datasets are callables):
+              the newest complete checkpoint gives the step S to start from and the sampler state
+              at S (meta.json), and the sampler is expanded into the ids of steps S..steps-1
+              (cheap: indices, no image). Rank r gets its own dataset: slots [r*b, (r+1)*b) of
+              every global batch, so which worker trains on which pair is fixed, and a resumed
+              run continues exactly the sequence the uninterrupted run would have drawn.
+  Ray Data    `range(steps - S)` -> `map_batches` reads, decodes and resizes the images of a few
+              steps per task (uint8), streamed in order into `get_dataset_shard(f"rank{r}")`.
+  workers     load checkpoint S (model, optimisers, schedulers, scaler, sampler) from storage,
+              wrap the model with `prepare_model` (DDP), and for every batch: train_step,
+              scheduler step, sampler step. Rank 0 reports checkpoints every `checkpoint_every`
+              steps (and at the end), keeps `metrics.jsonl`, `loss_curves.png` and the grids.
+
+Resume: Ray Train restarts the worker group after a worker dies (`max_failures`), and a job
+started again with `resume: true` / `--resume` reuses the same `RunConfig(name, storage_path)`;
+both land in the same code path above, losing at most `checkpoint_every` steps. The step S
+comes from the checkpoints in storage rather than from `ray.train.get_checkpoint()` because the
+controller, which builds the data stream, has no `get_checkpoint()`: the workers and the data
+must agree on S. The two differ only if a worker died between writing a checkpoint and Ray
+registering it; the newer complete checkpoint is then the right one. A checkpoint is complete
+when `meta.json` exists and `state.pt` has the size it records (a partial upload never does).
+
+Output under `out`:
+  ray/train/checkpoint_XXXXXXXX/   state.pt + meta.json (the checkpoint contract, below)
+  metrics.jsonl                    one JSON object per logged step: step, every loss, lr
+  loss_curves.png                  generator and discriminator loss (the SP-Feat paper's Fig. 7)
+  grids/step_XXXXXX.png            fixed synthetic images | translated | their paired real image
+  stage.json, _SUCCESS             written last
+
+Checkpoint contract (the translation stage reads it through `load_generator`):
+  state.pt   torch.save({"model_name", "model_config" (build_model kwargs), "model" (state_dict),
+             "optimizers", "schedulers", "sampler" (SmartBatchSampler.state_dict()), "step",
+             "scaler" (GradScaler state or None)})
+  meta.json  {"step", "model_name", "model_config", "image_size": [H, W], "batch_size", "seed",
+             "sampler" (the same sampler state), "state_bytes" (size of state.pt)}
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+
+from synreal_ray import storage
+from synreal_ray.config import ConfigError, convert, from_dict, to_dict
+from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+from synreal_ray.models import MODELS, build_model, default_config
+from synreal_ray.sampler import SmartBatchSampler
+from synreal_ray.stage import Stage, fingerprint, read_info
+
+RUN_NAME = "train"  # Ray Train run name under <out>/ray: fixed, so that a re-run finds its checkpoints
+STATE, META = "state.pt", "meta.json"
+PAIRS_COLUMNS = ("syn_id", "real_id", "rank", "distance", "w_syn", "w_real", "syn_image_uri", "real_image_uri")
+STEPS_PER_TASK = 4  # steps of images one Ray Data task loads: small, so several tasks run ahead
+LOAD_CPUS = 0.5  # per loading task; fractional so that small machines keep CPUs for the workers
+FLUSH_SECONDS = 10.0  # metrics.jsonl is rewritten whole (S3 has no append): at most this often
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the train stage (the `train:` section of a config file)."""
+
+    # data: dataset roots (local or s3://) in a layout of datasets/layouts.py
+    syn: str = "data/demo/syn"
+    syn_layout: str = "synscapes"
+    syn_split: Optional[str] = None
+    real: str = "data/demo/real"
+    real_layout: str = "cityscapes"
+    real_split: Optional[str] = None
+    pairs: Optional[str] = None  # output of the pairs stage; None: random pairing (the baseline)
+    weights: Optional[str] = None  # output of the kliep stage; overrides the pairs' w_syn, w_real
+    out: str = "out/train"
+    # sampler (see sampler.py); pairing None: "spfeat" with pairs, else "random"
+    pairing: Optional[Literal["spfeat", "random"]] = None
+    weighting: Literal["loss", "sampling", "none"] = "loss"
+    real_random_share: float = 0.1
+    seed: int = 0
+    # model and optimisation
+    model: Literal["unit", "cyclegan"] = "unit"
+    model_config: dict[str, Any] = field(default_factory=dict)  # build_model kwargs, e.g. base_channels
+    image_size: str = "128x256"  # HxW: images are resized to cover it, then centre-cropped
+    batch_size: int = 4  # global: each of the `workers` workers trains on batch_size / workers pairs
+    steps: int = 2000
+    lr: Optional[float] = None  # None: the model's default (UNIT 1e-4, CycleGAN 2e-4)
+    amp: bool = True  # mixed precision (fp16 autocast + GradScaler) where the worker has a GPU
+    # scale and fault tolerance
+    workers: int = 1
+    use_gpu: Optional[bool] = None  # None: GPUs when the cluster has one per worker
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    # outputs
+    checkpoint_every: int = 500
+    keep_checkpoints: Optional[int] = None  # None: keep all
+    log_every: int = 10
+    grid_every: int = 500
+    grid_images: int = 4
+    resume: bool = False  # continue from the newest checkpoint under `out` instead of starting over
+
+    def __post_init__(self):
+        for key in ("syn_layout", "real_layout"):
+            if getattr(self, key) not in LAYOUTS:
+                raise ConfigError(f"{getattr(self, key)!r} is not one of {', '.join(LAYOUTS)}", key)
+        if self.pairing == "spfeat" and self.pairs is None:
+            raise ConfigError("'spfeat' pairing needs the pairs stage's output (pairs: URI)", "pairing")
+        positive = ("batch_size", "steps", "workers", "checkpoint_every", "log_every", "grid_every", "grid_images")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key)
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"must be >= 1 or null (keep all), got {self.keep_checkpoints}", "keep_checkpoints")
+        if self.max_failures < -1:
+            raise ConfigError(f"must be >= -1 (-1: unlimited), got {self.max_failures}", "max_failures")
+        if self.batch_size % self.workers:
+            raise ConfigError(f"{self.batch_size} does not split evenly over {self.workers} workers", "batch_size")
+        if not 0.0 <= self.real_random_share <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {self.real_random_share}", "real_random_share")
+        if self.seed < 0:
+            raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"must be > 0 or null (the model's default), got {self.lr}", "lr")
+        # model options: the model's own keyword arguments, with their annotated types
+        hints = typing.get_type_hints(MODELS[self.model].__init__)
+        allowed = default_config(self.model)
+        checked = {}
+        for key, value in self.model_config.items():
+            if key not in allowed:
+                raise ConfigError(f"unknown {self.model} option; allowed: {', '.join(sorted(allowed))}",
+                                  f"model_config.{key}")
+            checked[key] = convert(hints.get(key, Any), value, f"model_config.{key}")
+        object.__setattr__(self, "model_config", checked)
+        h, w = parse_size(self.image_size)
+        step = 2 ** self.full_model_config()["n_downsample"]
+        if h % step or w % step:
+            raise ConfigError(f"{h}x{w}: both sides must be multiples of {step} (2**n_downsample)", "image_size")
+        object.__setattr__(self, "image_size", f"{h}x{w}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return parse_size(self.image_size)
+
+    def full_model_config(self) -> dict[str, Any]:
+        """build_model kwargs with the defaults filled in: what a checkpoint records."""
+        return {**default_config(self.model), **self.model_config}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise ConfigError(f"{text!r} is not HxW, e.g. 256x512", "image_size")
+    return int(m[1]), int(m[2])
+
+
+# ------------------------------------------------------------------------------ images (pure)
+
+
+def load_image(uri: str, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8: the image scaled to cover `size` and centre-cropped (keeps the aspect)."""
+    h, w = size
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+            im = ImageOps.fit(im.convert("RGB"), (w, h), method=Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{uri}: cannot read image: {e}") from None
+    return np.asarray(im, dtype=np.uint8)
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]. Done on the device: uint8 is a
+    quarter of the bytes to move."""
+    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- inputs (pure)
+
+
+def read_pairs(uri: str) -> pa.Table:
+    """The pairs stage's table (`{uri}/pairs/part-*.parquet`), published with `_SUCCESS`."""
+    storage.require_complete(uri, "pairs output")
+    fs, path = storage.resolve(storage.join(uri, "pairs"))
+    table = pq.read_table(path, filesystem=fs)
+    missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{uri}: pairs table lacks column(s) {missing}; it has {table.column_names}")
+    return table.select(list(PAIRS_COLUMNS))
+
+
+@dataclass
+class TrainData:
+    """Everything the sampler and the image loaders need: ids -> URIs of both datasets (all of
+    them: random real slots draw from every real image), the pairs table and the weights."""
+
+    syn_ids: list[str]
+    syn_uris: list[str]
+    real_ids: list[str]
+    real_uris: list[str]
+    pairs: Optional[pa.Table] = None  # syn_id, real_id, rank, w_syn, w_real
+    syn_weights: Optional[dict[str, float]] = None
+    real_weights: Optional[dict[str, float]] = None
+
+    def sampler(self, cfg: TrainConfig) -> SmartBatchSampler:
+        pairing = cfg.pairing or ("spfeat" if self.pairs is not None else "random")
+        return SmartBatchSampler(
+            self.pairs, syn_ids=self.syn_ids, real_ids=self.real_ids, syn_weights=self.syn_weights,
+            real_weights=self.real_weights, batch_size=cfg.batch_size, pairing=pairing, weighting=cfg.weighting,
+            real_random_share=cfg.real_random_share, seed=cfg.seed)
+
+    def index(self, domain: str) -> dict[str, int]:
+        ids = self.syn_ids if domain == "syn" else self.real_ids
+        return {i: n for n, i in enumerate(ids)}
+
+    def grid_pairs(self, n: int) -> list[tuple[str, str]]:
+        """n fixed (synthetic, real) URI pairs for the grids, spread over the synthetic set: each
+        synthetic image with its nearest real layout (rank 0 in the pairs), else real image i."""
+        syn_pos = np.unique(np.linspace(0, len(self.syn_ids) - 1, min(n, len(self.syn_ids))).round().astype(int))
+        nearest = {}
+        if self.pairs is not None:
+            p = self.pairs.sort_by([("syn_id", "ascending"), ("rank", "ascending")])
+            for s, r in zip(p.column("syn_id").to_pylist(), p.column("real_id").to_pylist()):
+                nearest.setdefault(s, r)
+        real = self.index("real")
+        return [(self.syn_uris[i], self.real_uris[real[nearest[self.syn_ids[i]]]] if self.syn_ids[i] in nearest
+                 else self.real_uris[k % len(self.real_uris)]) for k, i in enumerate(syn_pos)]
+
+
+def prepare_data(cfg: TrainConfig) -> TrainData:
+    """List both datasets, read the pairs and weights, and check them by building the sampler."""
+    syn, _ = list_dataset(cfg.syn, cfg.syn_layout, cfg.syn_split)
+    real, _ = list_dataset(cfg.real, cfg.real_layout, cfg.real_split)
+    data = TrainData([s.id for s in syn], [s.image_uri for s in syn], [s.id for s in real], [s.image_uri for s in real])
+    if cfg.pairs is not None:
+        data.pairs = read_pairs(cfg.pairs).select(["syn_id", "real_id", "rank", "w_syn", "w_real"])
+    if cfg.weights is not None:
+        from synreal_ray.weighting import load_weights
+
+        w = load_weights(cfg.weights)
+        data.syn_weights, data.real_weights = w["syn"], w["real"]
+    data.sampler(cfg)  # raises ValueError naming the problem (ids not in the datasets, bad weights)
+    return data
+
+
+def step_rows(sampler: SmartBatchSampler, data: TrainData, steps: int, workers: int) -> list[dict[str, np.ndarray]]:
+    """Expand the sampler from its current step to `steps` into one table per worker: step (n,),
+    syn / real (n, b) indices into data.*_uris, w_syn / w_real (n, b); worker r takes slots
+    [r*b, (r+1)*b) of every global batch."""
+    start, n, bs = sampler.steps, steps - sampler.steps, sampler.batch_size
+    syn_index, real_index = data.index("syn"), data.index("real")
+    syn, real = np.empty((n, bs), np.int64), np.empty((n, bs), np.int64)
+    w_syn, w_real = np.empty((n, bs), np.float32), np.empty((n, bs), np.float32)
+    for i in range(n):
+        b = sampler.next_batch()
+        syn[i] = [syn_index[s] for s in b.syn_ids]
+        real[i] = [real_index[r] for r in b.real_ids]
+        w_syn[i], w_real[i] = b.w_syn, b.w_real
+    per = bs // workers
+    part = lambda a, r: np.ascontiguousarray(a[:, r * per:(r + 1) * per])  # noqa: E731
+    return [{"step": np.arange(start, steps, dtype=np.int64), "syn": part(syn, r), "real": part(real, r),
+             "w_syn": part(w_syn, r), "w_real": part(w_real, r)} for r in range(workers)]
+
+
+def load_steps(batch: dict[str, np.ndarray], *, rows: dict[str, np.ndarray], syn_uris: list[str],
+               real_uris: list[str], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Ray Data UDF: a batch of local step numbers ("id" of ray.data.range) -> the images and
+    weights of those steps for one worker, one row per image pair, in step order."""
+    local = np.asarray(batch["id"], dtype=np.int64)
+    per = rows["syn"].shape[1]
+    return {
+        "step": np.repeat(rows["step"][local], per),
+        "syn": np.stack([load_image(syn_uris[i], size) for i in rows["syn"][local].ravel()]),
+        "real": np.stack([load_image(real_uris[i], size) for i in rows["real"][local].ravel()]),
+        "w_syn": rows["w_syn"][local].ravel(),
+        "w_real": rows["w_real"][local].ravel(),
+    }
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def run_folder(out: str) -> str:
+    """Where Ray Train keeps the run (and its checkpoints) for a training output folder."""
+    return storage.join(out, "ray", RUN_NAME)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def _checkpoint_complete(uri: str) -> bool:
+    fs, path = storage.resolve(storage.join(uri, STATE))
+    try:
+        meta = read_meta(uri)
+    except (FileNotFoundError, ValueError):
+        return False
+    return fs.get_file_info(path).size == meta.get("state_bytes", -1)
+
+
+def list_checkpoints(run: str) -> list[tuple[int, str]]:
+    """(step, uri) of the complete checkpoints in a Ray run folder, oldest first."""
+    fs, path = storage.resolve(run)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        m = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
+        if m and info.type == pafs.FileType.Directory:
+            found.append((int(m[1]), storage.join(run, info.base_name)))
+    return [(s, u) for s, u in sorted(found) if _checkpoint_complete(u)]
+
+
+def latest_checkpoint(uri: str) -> str:
+    """The newest complete checkpoint folder of a training run: `uri` is the run's `out` folder,
+    its Ray run folder (out/ray/train) or a checkpoint folder itself. Local or s3://."""
+    uri = str(uri).rstrip("/")
+    if storage.exists(storage.join(uri, META)):
+        if not _checkpoint_complete(uri):
+            raise FileNotFoundError(f"{uri}: incomplete checkpoint ({STATE} missing or partly written)")
+        return uri
+    for run in (run_folder(uri), uri):
+        found = list_checkpoints(run)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"{uri}: no complete checkpoint (looked for {run_folder(uri)}/checkpoint_*/{STATE})")
+
+
+def resume_point(run: str) -> tuple[int, Optional[str]]:
+    """(step, checkpoint uri) to start from: the newest complete checkpoint, or (0, None)."""
+    found = list_checkpoints(run)
+    return found[-1] if found else (0, None)
+
+
+def read_meta(checkpoint: str) -> dict:
+    try:
+        return storage.read_json(storage.join(checkpoint, META))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{checkpoint}/{META}: not valid JSON: {e}") from None
+
+
+def read_state(checkpoint: str, map_location: Any = "cpu") -> dict:
+    """state.pt of a checkpoint (local or s3://) as a dict (see the module doc)."""
+    data = storage.read_bytes(storage.join(checkpoint, STATE))
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def load_generator(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The synthetic -> real generator of a checkpoint (or of the newest checkpoint of a run's
+    `out` folder), in eval mode on `device`, and the checkpoint's meta.json. Input: (B, 3, H, W)
+    float in [-1, 1] at meta["image_size"] (other sizes work if divisible by 2**n_downsample)."""
+    checkpoint = latest_checkpoint(uri)
+    meta = read_meta(checkpoint)
+    state = read_state(checkpoint)
+    model = build_model(meta["model_name"], **meta["model_config"])
+    model.load_state_dict(state["model"])
+    return model.generator_s2r().to(device).eval(), meta
+
+
+def save_checkpoint(folder: str, *, cfg: TrainConfig, step: int, model, opts, scheds, sampler, scaler) -> None:
+    """Write state.pt, then meta.json recording its size, into a local folder."""
+    state = {
+        "model_name": cfg.model, "model_config": cfg.full_model_config(), "model": model.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in opts.items()},
+        "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+        "sampler": sampler.state_dict(), "step": step, "scaler": scaler.state_dict() if scaler else None,
+    }
+    path = os.path.join(folder, STATE)
+    torch.save(state, path)
+    meta = {"step": step, "model_name": cfg.model, "model_config": cfg.full_model_config(),
+            "image_size": list(cfg.size), "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "sampler": state["sampler"], "state_bytes": os.path.getsize(path)}
+    with open(os.path.join(folder, META), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: str, data: TrainData) -> dict:
+    """meta.json of the checkpoint to resume from, after checking it fits this config (model,
+    image size, sampler inputs): a clear error here instead of one inside every restarted worker."""
+    meta = read_meta(checkpoint)
+    want = {"model_name": cfg.model, "model_config": cfg.full_model_config(), "image_size": list(cfg.size)}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{checkpoint}: cannot resume: it has {key} {meta.get(key)!r}, this config {value!r} "
+                             f"(start over without resume, or use another out)")
+    if meta["step"] > cfg.steps:
+        raise ValueError(f"{checkpoint}: cannot resume: it is at step {meta['step']}, past steps={cfg.steps}")
+    try:
+        data.sampler(cfg).load_state_dict(meta["sampler"])
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: cannot resume: {e}") from None
+    return meta
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+class MetricsLog:
+    """metrics.jsonl: records in memory, the file rewritten whole (S3 has no append). A resumed
+    run keeps the records up to its checkpoint's step and drops the later ones (those steps are
+    trained and logged again), so no step appears twice."""
+
+    def __init__(self, uri: str, keep_until: int):
+        self.uri = uri
+        self.records: list[dict] = []
+        if keep_until > 0 and storage.exists(uri):
+            lines = storage.read_bytes(uri).decode().splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= keep_until]
+        self._flushed = 0.0
+        self.flush(force=True)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._flushed > FLUSH_SECONDS:
+            storage.write_bytes(self.uri, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+            self._flushed = time.monotonic()
+
+
+def read_metrics(out: str) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    lines = storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+# ------------------------------------------------------------------------------- worker loop
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # The model's noise depends on (seed, step, rank) only: a resumed run draws what the
+    # uninterrupted one would have drawn.
+    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63)
+
+
+def _mean_over_workers(losses: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return losses
+    t = torch.tensor(list(losses.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(losses, (t / dist.get_world_size()).tolist()))
+
+
+def _train_worker(config: dict) -> None:
+    """The training function of every Ray Train worker (see the module doc)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from synreal_ray import viz
+
+    cfg: TrainConfig = from_dict(TrainConfig, config["cfg"])
+    data: TrainData = config["data"]
+    hook: Optional[Callable] = config.get("step_hook")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    run = run_folder(cfg.out)
+
+    start, checkpoint = resume_point(run)
+    ray_ckpt = ray.train.get_checkpoint()
+    if rank == 0 and ray_ckpt is not None and posixpath.basename(ray_ckpt.path.rstrip("/")) != checkpoint_name(start):
+        print(f"train: Ray's latest registered checkpoint is {ray_ckpt.path}; resuming from the newer complete {checkpoint}")
+
+    sampler = data.sampler(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every run
+    model = build_model(cfg.model, **cfg.model_config).to(device)
+    opts = model.make_optimizers(lr=cfg.lr)
+    scheds = model.make_schedulers(opts, cfg.steps)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    if checkpoint is not None:
+        state = read_state(checkpoint, map_location=device)
+        model.load_state_dict(state["model"])
+        for k, o in opts.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in scheds.items():
+            s.load_state_dict(state["schedulers"][k])
+        sampler.load_state_dict(state["sampler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        del state
+    model.wrap(ray.train.torch.prepare_model)
+
+    if rank == 0:
+        log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
+        grid_pairs = data.grid_pairs(cfg.grid_images)
+        grid_syn = np.stack([load_image(s, cfg.size) for s, _ in grid_pairs])
+        grid_real = np.stack([load_image(r, cfg.size) for _, r in grid_pairs])
+
+    step, t_first = start, None
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // world, prefetch_batches=2):
+        if not bool((batch["step"] == step).all()):
+            raise RuntimeError(f"data stream out of order: expected step {step}, got {batch['step'].tolist()}")
+        torch.manual_seed(_step_seed(cfg.seed, step, rank))
+        losses = model.train_step(to_model_input(batch["syn"]), to_model_input(batch["real"]),
+                                  batch["w_syn"], batch["w_real"], opts, scaler=scaler, amp=use_amp)
+        for s in scheds.values():
+            s.step()
+        sampler.next_batch()  # ids only: kept in step with the stream for the checkpoint's state
+        step += 1
+        if t_first is None:
+            t_first = time.perf_counter()  # throughput leaves out the first (warm-up) step
+
+        last = step == cfg.steps
+        if rank == 0 and (step % cfg.grid_every == 0 or last):
+            fake = to_uint8(model.translate(to_model_input(torch.from_numpy(grid_syn).to(device))))
+            storage.write_bytes(storage.join(cfg.out, "grids", f"step_{step:06d}.png"),
+                                viz.image_grid([grid_syn, fake, grid_real]))
+        save = step % cfg.checkpoint_every == 0 or last
+        if not (save or step % cfg.log_every == 0):
+            continue
+        metrics = {"step": step, **_mean_over_workers(losses, device), "lr": scheds["gen"].get_last_lr()[0]}
+        if last and step - start > 1:
+            metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
+        if rank == 0:
+            log.add(metrics)
+        if not save:
+            ray.train.report(metrics)
+        elif rank == 0:
+            log.flush(force=True)  # metrics up to this step exist before the checkpoint does
+            storage.write_bytes(storage.join(cfg.out, "loss_curves.png"), viz.loss_curves({cfg.model: log.records}))
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
+                                scaler=scaler)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=checkpoint_name(step))
+        else:
+            ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+        if hook is not None:
+            hook(step=step, rank=rank, model=model)
+    if step != cfg.steps:
+        raise RuntimeError(f"data stream ended at step {step}, expected {cfg.steps}")
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+class _Streams:
+    """The trainer's datasets, rebuilt by Ray Train's controller at every start of the worker
+    group (each rank's entry is a callable): they start at the newest complete checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainData):
+        self.cfg, self.data = cfg, data
+        self._rows: tuple[int, list] | None = None
+
+    def for_rank(self, rank: int):
+        import ray.data
+
+        start, checkpoint = resume_point(run_folder(self.cfg.out))
+        if self._rows is None or self._rows[0] != start:  # once per start, not once per rank
+            sampler = self.data.sampler(self.cfg)
+            if checkpoint is not None:
+                sampler.load_state_dict(read_meta(checkpoint)["sampler"])
+            self._rows = (start, step_rows(sampler, self.data, self.cfg.steps, self.cfg.workers))
+        n = self.cfg.steps - start
+        load = functools.partial(load_steps, rows=self._rows[1][rank], syn_uris=self.data.syn_uris,
+                                 real_uris=self.data.real_uris, size=self.cfg.size)
+        return (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
+                .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
+
+
+def _begin(stage: Stage, resume: bool, force: bool) -> bool:
+    """Like Stage.begin, but a resumed run keeps what is there (checkpoints, metrics) and only
+    withdraws `_SUCCESS`: while it runs, the output must not look complete."""
+    if not resume:
+        return stage.begin(force)
+    stage.fp, stage.started = fingerprint(stage.settings, stage.inputs), time.time()
+    if not force and storage.is_complete(stage.out) and read_info(stage.out).get("fingerprint") == stage.fp:
+        return False
+    fs, path = storage.resolve(storage.join(stage.out, storage.SUCCESS))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+    return True
+
+
+def _ray_storage(out: str) -> dict:
+    fs, path = storage.resolve(storage.join(out, "ray"))
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callable] = None) -> dict:
+    """Train, checkpoint, and publish the stage; returns the stage record (stage.json), with
+    "skipped": True when an identical published run exists. Raises ValueError /
+    FileNotFoundError for bad inputs, ray.train's TrainingFailedError when training failed
+    more than max_failures times (the output then stays unpublished; resume it).
+
+    step_hook(step=, rank=, model=) runs on every worker after every step (tests use it to kill a
+    worker); it must be picklable."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from synreal_ray.cluster import init_ray
+
+    data = prepare_data(cfg)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "resume")}
+    inputs = [cfg.syn, cfg.real] + [u for u in (cfg.pairs, cfg.weights) if u]
+    stage = Stage("train", cfg.out, settings, inputs)
+    if not _begin(stage, cfg.resume, force):
+        return {**read_info(cfg.out), "skipped": True}
+    run = run_folder(cfg.out)
+    start, checkpoint = resume_point(run)
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint, data)
+
+    images_per_s = None
+    if start < cfg.steps:
+        init_ray()
+        use_gpu = cfg.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers
+        streams = _Streams(cfg, data)
+        ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # batches must reach a worker in step order
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"cfg": to_dict(cfg), "data": data, "step_hook": step_hook},
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=RUN_NAME, **_ray_storage(cfg.out),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+        )
+        result = trainer.fit()
+        images_per_s = (result.metrics or {}).get("images_per_s")
+
+    final = latest_checkpoint(run)
+    records = read_metrics(cfg.out)
+    outputs = {"checkpoint": final, "metrics": storage.join(cfg.out, "metrics.jsonl"),
+               "loss_curves": storage.join(cfg.out, "loss_curves.png"), "grids": storage.join(cfg.out, "grids")}
+    return stage.publish(steps=cfg.steps, resumed_from=start, images_per_s=images_per_s,
+                         final=records[-1] if records else None, outputs=outputs)

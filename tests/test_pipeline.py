@@ -1,0 +1,167 @@
+"""The whole job: config validation, `ray job submit` on a two-node local cluster, resume by
+skipping, and a tiny Ray Tune sweep."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, RUN_DIR
+from synreal_ray import storage
+from synreal_ray.config import ConfigError
+from synreal_ray.pipeline import load_pipeline_config
+
+TINY_TRAIN = {"image_size": "32x64", "batch_size": 2, "steps": 2, "workers": 1, "checkpoint_every": 2,
+              "grid_every": 2, "log_every": 1, "model_config": {"base_channels": 8, "n_res": 1, "dis_channels": 8}}
+RUNS = {"unit-method": {"name": "unit-method", "model": "unit", "pairing": "spfeat", "weighting": "loss"},
+        "cyclegan-baseline": {"name": "cyclegan-baseline", "model": "cyclegan", "pairing": "random", "weighting": "none"}}
+TINY_MODELS = {"unit": {"dis_layers": 2, "dis_scales": 2}, "cyclegan": {"pool_size": 4}}
+
+
+def tiny_config(demo_data, out, runs=("unit-method",)) -> dict:
+    return {
+        "out": str(out),
+        "data": {"syn": str(demo_data / "syn"), "real": str(demo_data / "real")},
+        "features": {"levels": "1,2"},
+        "kliep": {"sigma": 1.0, "centers": 8},
+        "pairs": {"k": 2},
+        "train": TINY_TRAIN,
+        "models": TINY_MODELS,
+        "runs": [RUNS[name] for name in runs],
+        "fid": {"dims": 64},
+        "grid_images": 2,
+    }
+
+
+def write_yaml(path, doc) -> str:
+    Path(path).write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_shipped_configs_are_valid():
+    for name in ("demo.yaml", "synscapes_to_cityscapes.yaml", "gta5_to_cityscapes.yaml"):
+        cfg = load_pipeline_config(str(REPO / "configs" / name))
+        assert cfg.runs
+    from synreal_ray.tune import load_sweep_config
+
+    cfg, tune_cfg = load_sweep_config(str(REPO / "configs" / "sweep.yaml"))
+    assert len(tune_cfg.space.k) > 1 and tune_cfg.milestones
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"kliep": {"centres": 5}}, "kliep.centres: unknown key"),
+    ({"train": {"stepz": 5}}, "stepz: unknown key"),
+    ({"runs": [{"name": "a"}, {"name": "a"}]}, "run names must be unique"),
+    ({"runs": [{"name": "a", "model": "pix2pix"}]}, "'pix2pix' is not one of"),
+    ({"models": {"pix2pix": {}}}, "unknown model 'pix2pix'"),
+    ({"pairs": {"k": "five"}}, "pairs.k: expected int"),
+])
+def test_bad_config_is_named(tmp_path, doc, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline_config(write_yaml(tmp_path / "c.yaml", doc))
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:  # Ray's worker port range
+            return port
+
+
+def _kill_cluster(marker: str) -> None:
+    """Stop the processes of one local Ray cluster: `ray stop` would also stop the session's."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_on_two_nodes_then_rerun_skips(demo_data, tmp_path, ray_cluster):
+    out = tmp_path / "out"
+    config = write_yaml(tmp_path / "tiny.yaml", tiny_config(demo_data, out))
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp = Path(RUN_DIR) / f"jr{os.getpid()}"  # short: Ray's socket paths are length-limited
+    gcs, dash = _free_port(), _free_port()
+    # The job's `python` must be this environment's, as it is for a user inside their venv.
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def node_ports() -> list[str]:
+        # The session's own cluster already holds the default agent ports on this machine.
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=3",
+                        f"--temp-dir={temp}", "--disable-usage-stats", *node_ports()],
+                       check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *node_ports(),
+                        '--resources={"worker_node": 1}'], check=True, env=env, capture_output=True, timeout=120)
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                  "--runtime-env-json", json.dumps({"excludes": [".git", ".ci", "out", "data", "*.egg-info"]}),
+                  "--", "python", "jobs/pipeline.py", "--config", config]
+        for _ in range(20):  # the dashboard answers before its job agent is up: retry only that
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=800)
+            if "No available agent to submit job" not in job.stderr + job.stdout:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+        assert "| unit-method: translated vs real |" in job.stdout
+        assert "succeeded" in job.stdout.lower()
+    finally:
+        _kill_cluster(str(temp))
+
+    report = json.loads((out / "report.json").read_text())
+    names = [r["comparison"] for r in report["rows"]]
+    assert names[0] == "synthetic vs real (no adaptation)" and "real train vs real val (floor)" in names
+    assert "random-weight" in report["inception"]  # no real Inception weights here: labelled, never silent
+    assert (out / "before_after.png").read_bytes()[:4] == b"\x89PNG"
+    for run in ("unit-method",):
+        assert storage.is_complete(str(out / "runs" / run / "train"))
+        assert storage.is_complete(str(out / "runs" / run / "translated"))
+        assert len(list((out / "runs" / run / "translated" / "img" / "rgb").glob("*.png"))) == 24
+
+    # A re-run finds every stage published with the same fingerprint and only redoes the report.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    from synreal_ray.cli import main
+
+    t = time.time()
+    assert main(["run", "--config", config]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("stage.json")} == stamps
+    assert time.time() - t < 120
+
+
+@pytest.mark.timeout(900)
+def test_sweep_four_trials(demo_data, tmp_path, ray_cluster, capsys):
+    doc = tiny_config(demo_data, tmp_path / "sweep")
+    doc["tune"] = {"space": {"k": [2, 3], "levels": ["1,2", "2x4"], "sigma": [1.0], "model": ["unit"],
+                             "weighting": ["loss"]},
+                   "milestones": [2], "val_images": 4, "scheduler": "asha"}
+    from synreal_ray.cli import main
+
+    assert main(["tune", "--config", write_yaml(tmp_path / "sweep.yaml", doc)]) == 0
+    out = tmp_path / "sweep"
+    md = (out / "results.md").read_text()
+    assert len([line for line in md.splitlines() if line.startswith("| ") and "rank" not in line]) == 4
+    import csv
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["levels"] for r in rows} == {"1,2", "2x4"}
+    fids = [float(r["fid"]) for r in rows]
+    assert fids == sorted(fids)  # best first
+    best = load_pipeline_config(str(out / "best.yaml"))
+    assert best.pairs.k == int(rows[0]["k"]) and best.features.levels == rows[0]["levels"]
+    assert len(best.runs) == 1 and best.runs[0].model == "unit"
