@@ -16,8 +16,9 @@ Big-N flow (kernel rows computed elsewhere, e.g. by Ray Data ``map_batches``)::
     full = res.with_alpha(sol)
     w_source = source_rows @ full.alpha                               # == full.weights(x_source)
 
-This module must not import Ray (it runs inside Ray workers) and imports torch lazily so that
-numpy-only callers such as the kernel map function stay cheap to start.
+This module must not import Ray (it runs inside Ray workers). torch (GPU path) and scipy (the
+Newton subproblem's NNLS) are imported lazily, so numpy-only callers such as the kernel map
+function stay cheap to start.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def gaussian_kernel(x: Any, centers: Any, sigma: float) -> Any:
     numpy in → numpy out in x's float dtype (float32 stays float32; other dtypes → float64); a
     torch tensor x → torch tensor on x's device and dtype, same formula. Both inputs are shifted
     by the centres' mean first: distances do not change, but the norms in the expansion get
-    smaller, which keeps float32 cancellation errors small.
+    smaller, which keeps float32 cancellation errors small. Values below the dtype's smallest
+    normal number are returned as 0 (subnormals make every later product 10-100x slower).
     """
     s = _check_sigma(sigma)
     if _is_tensor(x) or _is_tensor(centers):

@@ -107,7 +107,9 @@ def test_ray_job_submit_on_two_nodes_then_rerun_skips(demo_data, tmp_path, ray_c
                         f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", "--num-cpus=3",
                         f"--temp-dir={temp}", "--disable-usage-stats", *node_ports()],
                        check=True, env=env, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *node_ports(),
+        # Its own temp dir, as a second machine would have: two nodes sharing one would unpack the
+        # job's working dir into the same folder, replacing it under the running driver.
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *node_ports(), f"--temp-dir={temp}w",
                         '--resources={"worker_node": 1}'], check=True, env=env, capture_output=True, timeout=120)
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                   "--runtime-env-json", json.dumps({"excludes": [".git", ".ci", "out", "data", "*.egg-info"]}),
