@@ -1,7 +1,7 @@
 """Stage `train`: UNIT or CycleGAN on Ray Train (DDP over N workers), fed by Ray Data.
 
     cfg = TrainConfig(pairs="out/pairs", out="out/train", steps=2000, workers=2)
-    record = run_train(cfg)                       # or: synreal train --config configs/demo.yaml
+    record = run_train(cfg)                # or: synreal train --config configs/train_demo.yaml
     gen, meta = load_generator(latest_checkpoint("out/train"), "cuda")
 
 The flow:
@@ -37,7 +37,7 @@ Output under `out`:
   grids/step_XXXXXX.png            fixed synthetic images | translated | their paired real image
   stage.json, _SUCCESS             written last
 
-Checkpoint contract (the translation stage reads it through `load_generator`):
+Checkpoint contract (translate.py reads it; `load_generator` below is the same for notebooks):
   state.pt   torch.save({"model_name", "model_config" (build_model kwargs), "model" (state_dict),
              "optimizers", "schedulers", "sampler" (SmartBatchSampler.state_dict()), "step",
              "scaler" (GradScaler state or None)})
@@ -64,15 +64,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 from PIL import Image, ImageOps
 
 from synreal_ray import storage
 from synreal_ray.config import ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.models import MODELS, build_model, default_config
 from synreal_ray.sampler import SmartBatchSampler
 from synreal_ray.stage import Stage, fingerprint, read_info
+
+if typing.TYPE_CHECKING:
+    import torch
 
 RUN_NAME = "train"  # Ray Train run name under <out>/ray: fixed, so that a re-run finds its checkpoints
 STATE, META = "state.pt", "meta.json"
@@ -80,6 +81,8 @@ PAIRS_COLUMNS = ("syn_id", "real_id", "rank", "distance", "w_syn", "w_real", "sy
 STEPS_PER_TASK = 4  # steps of images one Ray Data task loads: small, so several tasks run ahead
 LOAD_CPUS = 0.5  # per loading task; fractional so that small machines keep CPUs for the workers
 FLUSH_SECONDS = 10.0  # metrics.jsonl is rewritten whole (S3 has no append): at most this often
+# torch (and the models) are imported where they are used: the Ray Data tasks that load images
+# import this module, and a new worker process would spend seconds and ~300 MB on torch for nothing.
 
 
 # ------------------------------------------------------------------------------------- config
@@ -146,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"must be > 0 or null (the model's default), got {self.lr}", "lr")
+        from synreal_ray.models import MODELS, default_config
+
         # model options: the model's own keyword arguments, with their annotated types
         hints = typing.get_type_hints(MODELS[self.model].__init__)
         allowed = default_config(self.model)
@@ -168,6 +173,8 @@ class TrainConfig:
 
     def full_model_config(self) -> dict[str, Any]:
         """build_model kwargs with the defaults filled in: what a checkpoint records."""
+        from synreal_ray.models import default_config
+
         return {**default_config(self.model), **self.model_config}
 
 
@@ -200,6 +207,8 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy."""
+    import torch
+
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -368,6 +377,8 @@ def read_meta(checkpoint: str) -> dict:
 
 def read_state(checkpoint: str, map_location: Any = "cpu") -> dict:
     """state.pt of a checkpoint (local or s3://) as a dict (see the module doc)."""
+    import torch
+
     data = storage.read_bytes(storage.join(checkpoint, STATE))
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
@@ -376,6 +387,8 @@ def load_generator(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict
     """The synthetic -> real generator of a checkpoint (or of the newest checkpoint of a run's
     `out` folder), in eval mode on `device`, and the checkpoint's meta.json. Input: (B, 3, H, W)
     float in [-1, 1] at meta["image_size"] (other sizes work if divisible by 2**n_downsample)."""
+    from synreal_ray.models import build_model
+
     checkpoint = latest_checkpoint(uri)
     meta = read_meta(checkpoint)
     state = read_state(checkpoint)
@@ -386,6 +399,8 @@ def load_generator(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict
 
 def save_checkpoint(folder: str, *, cfg: TrainConfig, step: int, model, opts, scheds, sampler, scaler) -> None:
     """Write state.pt, then meta.json recording its size, into a local folder."""
+    import torch
+
     state = {
         "model_name": cfg.model, "model_config": cfg.full_model_config(), "model": model.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in opts.items()},
@@ -462,6 +477,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _mean_over_workers(losses: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -475,9 +491,11 @@ def _train_worker(config: dict) -> None:
     """The training function of every Ray Train worker (see the module doc)."""
     import ray.train
     import ray.train.torch
+    import torch
     from ray.train import Checkpoint
 
     from synreal_ray import viz
+    from synreal_ray.models import build_model
 
     cfg: TrainConfig = from_dict(TrainConfig, config["cfg"])
     data: TrainData = config["data"]
@@ -539,25 +557,25 @@ def _train_worker(config: dict) -> None:
             storage.write_bytes(storage.join(cfg.out, "grids", f"step_{step:06d}.png"),
                                 viz.image_grid([grid_syn, fake, grid_real]))
         save = step % cfg.checkpoint_every == 0 or last
-        if not (save or step % cfg.log_every == 0):
-            continue
-        metrics = {"step": step, **_mean_over_workers(losses, device), "lr": scheds["gen"].get_last_lr()[0]}
-        if last and step - start > 1:
-            metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
-        if rank == 0:
-            log.add(metrics)
-        if not save:
-            ray.train.report(metrics)
-        elif rank == 0:
-            log.flush(force=True)  # metrics up to this step exist before the checkpoint does
-            storage.write_bytes(storage.join(cfg.out, "loss_curves.png"), viz.loss_curves({cfg.model: log.records}))
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
-                                scaler=scaler)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=checkpoint_name(step))
-        else:
-            ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+        if save or step % cfg.log_every == 0:  # every worker reports at the same steps: a barrier
+            metrics = {"step": step, **_mean_over_workers(losses, device), "lr": scheds["gen"].get_last_lr()[0]}
+            if last and step - start > 1:
+                metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
+            if rank == 0:
+                log.add(metrics)
+            if not save:
+                ray.train.report(metrics)
+            elif rank == 0:
+                log.flush(force=True)  # metrics up to this step exist before the checkpoint does
+                storage.write_bytes(storage.join(cfg.out, "loss_curves.png"),
+                                    viz.loss_curves({cfg.model: log.records}))
+                with tempfile.TemporaryDirectory() as d:
+                    save_checkpoint(d, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
+                                    scaler=scaler)
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                                     checkpoint_dir_name=checkpoint_name(step))
+            else:
+                ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
         if hook is not None:
             hook(step=step, rank=rank, model=model)
     if step != cfg.steps:
@@ -587,8 +605,11 @@ class _Streams:
         n = self.cfg.steps - start
         load = functools.partial(load_steps, rows=self._rows[1][rank], syn_uris=self.data.syn_uris,
                                  real_uris=self.data.real_uris, size=self.cfg.size)
-        return (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
-                .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
+        ds = (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
+              .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
+        # No progress bars in the workers' logs: metrics.jsonl and Ray Train's reports show progress.
+        ds.context.enable_progress_bars = False
+        return ds
 
 
 def _begin(stage: Stage, resume: bool, force: bool) -> bool:
