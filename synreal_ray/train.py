@@ -47,6 +47,7 @@ Checkpoint contract (translate.py reads it; `load_generator` below is the same f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -508,7 +509,8 @@ def _train_worker(config: dict) -> None:
     start, checkpoint = resume_point(run)
     ray_ckpt = ray.train.get_checkpoint()
     if rank == 0 and ray_ckpt is not None and posixpath.basename(ray_ckpt.path.rstrip("/")) != checkpoint_name(start):
-        print(f"train: Ray's latest registered checkpoint is {ray_ckpt.path}; resuming from the newer complete {checkpoint}")
+        print(f"train: Ray's latest registered checkpoint is {ray_ckpt.path}; starting from the newest complete "
+              f"one in storage instead: {checkpoint or 'none, step 0'}")
 
     sampler = data.sampler(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every run
@@ -626,6 +628,10 @@ def _begin(stage: Stage, resume: bool, force: bool) -> bool:
     return True
 
 
+def _absolute(uri: Optional[str]) -> Optional[str]:
+    return uri if uri is None or storage.is_s3(uri) else os.path.abspath(uri)
+
+
 def _ray_storage(out: str) -> dict:
     fs, path = storage.resolve(storage.join(out, "ray"))
     return {"storage_path": path, "storage_filesystem": fs}
@@ -645,6 +651,8 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callabl
 
     from synreal_ray.cluster import init_ray
 
+    # Ray Train workers run in a folder of their own: relative local paths would land there.
+    cfg = dataclasses.replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in ("syn", "real", "pairs", "weights", "out")})
     data = prepare_data(cfg)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "resume")}
     inputs = [cfg.syn, cfg.real] + [u for u in (cfg.pairs, cfg.weights) if u]

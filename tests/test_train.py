@@ -210,19 +210,23 @@ def unit_story(demo_data, ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("unit_story")
     hooks = root / "hooks"
     hooks.mkdir()
-    cfg = tiny_config(demo_data, root / "out")
+    # `out` relative to the current folder, as people type it (the workers run in another folder)
+    cfg = tiny_config(demo_data, "out")
     hook = functools.partial(record_steps, str(hooks), (3, 5))
     killer = Killer(hooks)
     killer.start()
-    t = time.time()
+    t, cwd = time.time(), os.getcwd()
     try:
+        os.chdir(root)
         with pytest.raises(TrainingFailedError):
             run_train(cfg, step_hook=hook)
         failed = {"complete": storage.is_complete(cfg.out), "metrics": [r["step"] for r in read_metrics(cfg.out)],
                   "checkpoints": [s for s, _ in list_checkpoints(run_folder(cfg.out))]}
         record = run_train(apply_overrides(cfg, {"resume": True}), step_hook=hook)
     finally:
+        os.chdir(cwd)
         killer.stop.set()
+    cfg = apply_overrides(cfg, {"out": str(root / "out")})
     print(f"unit story: {time.time() - t:.1f} s")
     log = [line.split() for line in (hooks / "steps.log").read_text().splitlines()]
     return SimpleNamespace(cfg=cfg, record=record, hooks=hooks, failed=failed, killed=killer.killed,
