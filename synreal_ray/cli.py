@@ -1,32 +1,46 @@
-"""`synreal` command line: a thin shell over the stage functions (jobs/ call the same ones)."""
+"""`synreal` command line: a thin shell over the stage functions (jobs/ call the same ones).
+
+Every setting, flag or config file, goes through the config layer (synreal_ray.config): types are
+checked there and local paths made absolute against this process's working directory, before
+anything reaches Ray. `--set KEY=VALUE` (run, demo, tune) sets any config key.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from typing import Any
+
+
+def _config(cls: type, **values: Any) -> Any:
+    """A stage's config dataclass from command-line values, through the config layer."""
+    from synreal_ray.config import from_dict
+
+    return from_dict(cls, values)
 
 
 def _features(a: argparse.Namespace) -> None:
     from synreal_ray.features import FeaturesConfig, run_features
 
-    cfg = FeaturesConfig(dataset=a.dataset, layout=a.layout, out=a.out, split=a.split, levels=a.levels,
-                         domain=a.domain, on_error=a.on_error, verify_images=a.verify_images)
+    cfg = _config(FeaturesConfig, dataset=a.dataset, layout=a.layout, out=a.out, split=a.split, levels=a.levels,
+                  domain=a.domain, on_error=a.on_error, verify_images=a.verify_images, max_pixels=a.max_pixels)
     rec = run_features(cfg, force=a.force)
     state = "already up to date, skipped" if rec.get("skipped") else f"{rec['seconds']:.1f} s"
     print(f"features: {rec['rows']} samples ({rec['errors']} skipped for errors), dim {rec['dim']}, "
-          f"levels {rec['levels']} -> {a.out} ({state})")
+          f"levels {rec['levels']} -> {cfg.out} ({state})")
 
 
 def _kliep(a: argparse.Namespace) -> None:
     from synreal_ray.weighting import KliepConfig, run_kliep
 
     sigma = None if a.sigma == "auto" else _positive_float(a.sigma, "--sigma")
-    cfg = KliepConfig(syn=a.syn, real=a.real, out=a.out, sigma=sigma, centers=a.centers, folds=a.folds,
-                      clip=a.clip, cv_samples=a.cv_samples, seed=a.seed, device=a.device)
+    cfg = _config(KliepConfig, syn=a.syn, real=a.real, out=a.out, sigma=sigma, centers=a.centers, folds=a.folds,
+                  clip=a.clip, cv_samples=a.cv_samples, seed=a.seed, device=a.device)
     rec = run_kliep(cfg, force=a.force)
     print(f"kliep: sigma w={rec['sigma']['w']:.4g} psi={rec['sigma']['psi']:.4g}; effective sample size "
           f"{rec['ess_fraction']['w']:.0%} of synthetic, {rec['ess_fraction']['psi']:.0%} of real "
-          f"-> {a.out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")
+          f"-> {cfg.out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")
 
 
 def _pairs(a: argparse.Namespace) -> None:
@@ -35,10 +49,10 @@ def _pairs(a: argparse.Namespace) -> None:
 
     if a.preview and not a.out_png:
         raise ValueError("--preview N needs --out-png FILE")
-    cfg = PairsConfig(syn=a.syn, real=a.real, out=a.out, weights=a.weights, k=a.k, max_distance=a.max_distance,
-                      index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed)
+    cfg = _config(PairsConfig, syn=a.syn, real=a.real, out=a.out, weights=a.weights, k=a.k,
+                  max_distance=a.max_distance, index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed)
     rec = run_pairs(cfg, force=a.force)
-    report = storage.read_json(storage.join(a.out, "report.json"))
+    report = storage.read_json(storage.join(cfg.out, "report.json"))
     print(quality_markdown(report))
     if cfg.max_distance is not None:
         print(f"--max-distance {cfg.max_distance}: dropped {report['dropped_by_max_distance']} pairs; "
@@ -46,9 +60,12 @@ def _pairs(a: argparse.Namespace) -> None:
     if "ivf_recall_at_k" in report:
         print(f"IVF recall@{cfg.k} against exact search: {report['ivf_recall_at_k']:.3f}")
     if a.preview:
-        storage.write_bytes(a.out_png, preview_grid(a.out, a.preview))
-        print(f"preview grid: {a.out_png}")
-    print(f"pairs: {rec['pairs']} pairs (K={cfg.k}) -> {a.out}{' (up to date, skipped)' if rec.get('skipped') else ''}")
+        from synreal_ray.config import absolute_uri
+
+        png = absolute_uri(a.out_png, "--out-png")
+        storage.write_bytes(png, preview_grid(cfg.out, a.preview))
+        print(f"preview grid: {png}")
+    print(f"pairs: {rec['pairs']} pairs (K={cfg.k}) -> {cfg.out}{' (up to date, skipped)' if rec.get('skipped') else ''}")
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -74,29 +91,37 @@ def _pipeline_overrides(a: argparse.Namespace) -> dict:
     return {"out": a.out, "fid.inception_weights": a.inception_weights}
 
 
+def _assignments(a: argparse.Namespace) -> dict:
+    from synreal_ray.config import parse_assignments
+
+    return parse_assignments(a.set)
+
+
 def _run(a: argparse.Namespace) -> None:
     from synreal_ray.pipeline import load_pipeline_config, run_pipeline
 
-    run_pipeline(load_pipeline_config(a.config, _pipeline_overrides(a)), force=a.force)
+    run_pipeline(load_pipeline_config(a.config, _pipeline_overrides(a), _assignments(a)), force=a.force)
 
 
 def _demo(a: argparse.Namespace) -> None:
     from synreal_ray import storage
+    from synreal_ray.config import absolute_uri
     from synreal_ray.datasets.demo import make_demo_data
     from synreal_ray.pipeline import find_config, load_pipeline_config, run_pipeline
 
+    data = absolute_uri(a.data, "--data")
     cfg = load_pipeline_config(a.config or find_config("demo.yaml"),
-                               {**_pipeline_overrides(a), "data.syn": storage.join(a.data, "syn"),
-                                "data.real": storage.join(a.data, "real")})
-    if not storage.exists(storage.join(a.data, "syn")):
-        make_demo_data(a.data, num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val)
+                               {**_pipeline_overrides(a), "data.syn": storage.join(data, "syn"),
+                                "data.real": storage.join(data, "real")}, _assignments(a))
+    if not storage.exists(storage.join(data, "syn")):
+        make_demo_data(data, num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val)
     run_pipeline(cfg, force=a.force)
 
 
 def _tune(a: argparse.Namespace) -> None:
     from synreal_ray.tune import load_sweep_config, run_sweep
 
-    run_sweep(*load_sweep_config(a.config, _pipeline_overrides(a)))
+    run_sweep(*load_sweep_config(a.config, _pipeline_overrides(a), _assignments(a)), force=a.force)
 
 
 def _report(a: argparse.Namespace) -> None:
@@ -119,7 +144,9 @@ def _positive_float(text: str, flag: str) -> float:
 def _make_demo_data(a: argparse.Namespace) -> None:
     from synreal_ray.datasets.demo import make_demo_data
 
-    info = make_demo_data(a.out, num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val,
+    from synreal_ray.config import absolute_uri
+
+    info = make_demo_data(absolute_uri(a.out, "--out"), num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val,
                           height=a.height, width=a.width, seed=a.seed)
     print(f"demo data: {info['num_syn']} synthetic images in {info['syn']} (synscapes layout), "
           f"{info['num_real']} train + {info['num_val']} val real images in {info['real']} (cityscapes layout)")
@@ -128,18 +155,18 @@ def _make_demo_data(a: argparse.Namespace) -> None:
 def _translate(a: argparse.Namespace) -> None:
     from synreal_ray.translate import TranslateConfig, run_translate
 
-    cfg = TranslateConfig(checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out, split=a.split,
-                          batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device)
+    cfg = _config(TranslateConfig, checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out,
+                  split=a.split, batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device)
     rec = run_translate(cfg, force=a.force)
     if rec.get("skipped"):
-        print(f"translate: {rec['images']} images already translated in {a.out} (up to date, skipped)")
+        print(f"translate: {rec['images']} images already translated in {cfg.out} (up to date, skipped)")
         return
     resumed = f", {rec['resumed_from']} kept from an interrupted run" if rec["resumed_from"] else ""
     rate = f", {rec['images_per_s']} images/s on {rec['actors']} actor(s)" if rec["images_per_s"] else ""
     if rec.get("steady_images_per_s"):
         rate += f" ({rec['steady_images_per_s']} once started)"
     print(f"translate: {rec['translated']} of {rec['images']} images with {rec['checkpoint']} (step {rec['step']})"
-          f"{resumed}{rate} -> {a.out}")
+          f"{resumed}{rate} -> {cfg.out}")
 
 
 def _fid(a: argparse.Namespace) -> None:
@@ -147,8 +174,8 @@ def _fid(a: argparse.Namespace) -> None:
 
     from synreal_ray.fid import FidConfig, run_fid
 
-    cfg = FidConfig(a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size, max_images=a.max_images,
-                    cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device)
+    cfg = _config(FidConfig, a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size,
+                  max_images=a.max_images, cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # printed below as one line each
         rec = run_fid(cfg)
@@ -159,7 +186,57 @@ def _fid(a: argparse.Namespace) -> None:
         how = f"computed {s['computed']}" if s["computed"] else "all cached"
         print(f"{name}: {s['images']} images in {s['root']} ({how}; cache {s['entry']})")
     print(f"inception weights: {rec['weights']}, dims {rec['dims']}" + (f", resized to {rec['size']}" if rec["size"] else ""))
-    print(f"FID: {rec['fid']:.6f}")
+    print(f"KID: {rec['kid']:.6f} ± {rec['kid_std']:.6f}")
+    print(f"FID: {rec['fid']:.6f}")  # the last line: scripts read it
+
+
+def _segment(a: argparse.Namespace) -> None:
+    from synreal_ray.config import apply_overrides, from_dict, load_config
+    from synreal_ray.segment import SegmentConfig, run_segment
+
+    if (a.train_layout or a.train_split) and not a.train:
+        raise ValueError("--train-layout and --train-split describe --train: give --train URI too")
+    values: dict = {"val": a.val, "val_layout": a.val_layout, "val_split": a.val_split, "out": a.out, "model": a.model,
+                    "image_size": a.image_size, "steps": a.steps, "batch_size": a.batch_size, "workers": a.workers,
+                    "backbone_weights": a.backbone_weights, "resume": True if a.resume else None}
+    if a.train:
+        if not a.train_layout:
+            raise ValueError("--train needs --train-layout (cityscapes, synscapes, gta5 or folder)")
+        values["train"] = [{"uri": a.train, "layout": a.train_layout, "split": a.train_split, "share": 1.0}]
+    if a.config:
+        cfg = apply_overrides(load_config(a.config, SegmentConfig, section="segment"), values)
+    else:
+        if not a.train:
+            raise ValueError("give --train URI --train-layout L (or --config FILE with a segment: section)")
+        cfg = from_dict(SegmentConfig, {k: v for k, v in values.items() if v is not None})
+    rec = run_segment(cfg, force=a.force)
+    if rec.get("skipped"):
+        print(f"segment: {cfg.out} is up to date (skipped)")
+    outs = rec["outputs"]
+    start = f"resumed from step {rec['resumed_from']}" if rec.get("resumed_from") else "from scratch"
+    print(f"segment: {rec['steps']} steps of {cfg.model} ({start})\n  checkpoint: {outs['checkpoint']}"
+          f"\n  metrics:    {outs['metrics']}\n  loss curve: {outs['loss_curve']}")
+    if rec.get("val"):
+        v = rec["val"]
+        miou = "n/a" if v["miou"] is None else f"{v['miou']:.4f}"
+        print(f"  val:        mIoU {miou} on {v['num_images']} images ({outs['val']}/eval.md)")
+
+
+def _seg_eval(a: argparse.Namespace) -> None:
+    from synreal_ray.segment import SegEvalConfig, run_seg_eval
+
+    cfg = _config(SegEvalConfig, model=a.model, dataset=a.dataset, layout=a.layout, split=a.split, out=a.out,
+                  save_predictions=a.save_predictions, batch_size=a.batch_size, actors=a.actors, device=a.device)
+    rec = run_seg_eval(cfg, force=a.force)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for line in rec["top_confusions"][:3]:
+        print(f"  {line}")
+    print(f"seg-eval: mIoU {fmt(rec['miou'])}, pixel accuracy {fmt(rec['pixel_accuracy'])} on {rec['num_images']} "
+          f"images (step {rec['step']}) -> {cfg.out} (eval.json, eval.md, confusion.png)"
+          f"{' (up to date, skipped)' if rec.get('skipped') else ''}")
+
+
+SET_HELP = "set any config key (repeatable): a dotted key and a YAML value, e.g. --set train.steps=20"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="skip: record bad files in errors/ beside the output instead of failing")
     f.add_argument("--verify-images", action="store_true", help="decode every image whole, not just its header")
+    f.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse, as a bad sample, any image or label map of more pixels (default 2**28)")
     f.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
     f.set_defaults(fn=_features)
 
@@ -269,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
     r.add_argument("--out", default=None, help="override the config's out")
     r.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     r.add_argument("--force", action="store_true", help="recompute every stage")
     r.set_defaults(fn=_run)
 
@@ -280,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-real", type=int, default=64)
     m.add_argument("--num-val", type=int, default=32)
     m.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     m.add_argument("--force", action="store_true")
     m.set_defaults(fn=_demo)
 
@@ -287,18 +368,72 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="pipeline YAML with a tune: section (see configs/sweep.yaml)")
     t.add_argument("--out", default=None, help="override the config's out")
     t.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key (repeatable), tune: section included, e.g. --set tune.milestones=[20]")
+    t.add_argument("--force", action="store_true",
+                   help="start over when OUT holds an interrupted sweep with other settings (deletes its trials)")
     t.set_defaults(fn=_tune)
 
     rp = sub.add_parser("report", help="FID table and before/after grid of a pipeline run")
     rp.add_argument("--run", required=True, help="the pipeline's out folder")
     rp.set_defaults(fn=_report)
+
+    sg = sub.add_parser("segment", help="train a torchvision segmenter (19 Cityscapes classes) with Ray Train")
+    sg.add_argument("--config", default=None, help="YAML with a segment: section (e.g. a mixture of datasets)")
+    sg.add_argument("--train", default=None, metavar="URI", help="training dataset root (replaces the config's list)")
+    sg.add_argument("--train-layout", default=None, help="cityscapes, synscapes, gta5 or folder")
+    sg.add_argument("--train-split", default=None, help="cityscapes split (default train)")
+    sg.add_argument("--val", default=None, metavar="URI", help="dataset scored with the final checkpoint (out/val)")
+    sg.add_argument("--val-layout", default=None)
+    sg.add_argument("--val-split", default=None, help="default: val for the cityscapes layout")
+    sg.add_argument("--out", default=None)
+    sg.add_argument("--model", default=None, help="lraspp_mobilenet_v3_large (default), deeplabv3_resnet50, "
+                                                  "deeplabv3_resnet101, fcn_resnet50 or fcn_resnet101")
+    sg.add_argument("--image-size", default=None, metavar="HxW", help="training crop (default 512x1024)")
+    sg.add_argument("--steps", type=int, default=None)
+    sg.add_argument("--batch-size", type=int, default=None, help="global batch, split over the workers")
+    sg.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP)")
+    sg.add_argument("--backbone-weights", default=None, metavar="FILE|s3://",
+                    help="backbone state dict, e.g. torchvision's ImageNet file (nothing is downloaded)")
+    sg.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
+    sg.add_argument("--force", action="store_true")
+    sg.set_defaults(fn=_segment)
+
+    se = sub.add_parser("seg-eval", help="mIoU of a segment output on a dataset at full resolution (Ray Data actors)")
+    se.add_argument("--model", required=True, help="output of `synreal segment` (its latest checkpoint), or a checkpoint")
+    se.add_argument("--dataset", required=True, help="dataset root, local or s3://")
+    se.add_argument("--layout", required=True, help="cityscapes, synscapes, gta5 or folder")
+    se.add_argument("--split", default=None, help="cityscapes split (default train)")
+    se.add_argument("--out", required=True)
+    se.add_argument("--save-predictions", action="store_true", help="write predictions/<sample id>.png (label IDs)")
+    se.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
+    se.add_argument("--actors", type=int, default=None, help="default: one per GPU, else CPUs / 2")
+    se.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    se.add_argument("--force", action="store_true")
+    se.set_defaults(fn=_seg_eval)
     return p
+
+
+def setup_logging() -> None:
+    """The library logs under `synreal.*`; the command line shows INFO and above on stderr."""
+    log = logging.getLogger("synreal")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[synreal] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
+    from synreal_ray.tune import SweepFailedError
+
     try:
         args.fn(args)
+    except SweepFailedError as e:  # every trial's error is in the results table and its files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, OSError) and e.errno is not None and not e.filename:
             raise  # a system error with no file named: the stack trace is the only clue

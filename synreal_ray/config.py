@@ -8,14 +8,21 @@ allowed keys; values are checked against the field's type (int, float (an int is
 bool, Optional, Literal choices, tuple/list, dict, nested dataclasses); then the dataclass's own
 `__post_init__` checks values. A `__post_init__` names the offending key by raising
 `ConfigError(message, key="batch_size")`: the error then reads `train.batch_size: message`.
+
+Paths are resolved here, once, at the door: a field typed `URI` (or `URI | None`) holds a local
+path or an `s3://` URI, and `convert` makes a local one absolute against the working directory of
+the process that reads the config. Everything handed to Ray (tasks, actors, Train workers, Tune
+trials, each of which runs in a working directory of its own) is therefore absolute; no stage
+resolves paths itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 
@@ -34,6 +41,32 @@ class ConfigError(ValueError):
         return f"{self.key}: {self.message}" if self.key else self.message
 
 
+_URI_MARK = "uri"
+URI = Annotated[str, _URI_MARK]
+"""A config field holding a local path or an `s3://` URI; `convert` makes local paths absolute."""
+
+
+def absolute_uri(value: str, where: str | None = None) -> str:
+    """A local path made absolute (against the current working directory, `~` expanded); a URI
+    with a scheme (`s3://...`) is returned as it is (the storage layer rejects unknown schemes)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a path or s3:// URI, got {value!r}", where)
+    if not value.strip():
+        raise ConfigError("empty path (an unset variable?)", where)
+    if "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _is_uri_type(tp: Any) -> bool:
+    """Whether `tp` is URI, or a Union (Optional) with a URI arm."""
+    if typing.get_origin(tp) is Annotated:
+        return _URI_MARK in typing.get_args(tp)[1:]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_uri_type(a) for a in typing.get_args(tp))
+    return False
+
+
 def _path(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -47,6 +80,9 @@ def convert(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        value = convert(args[0], value, where)
+        return absolute_uri(value, where) if _URI_MARK in args[1:] else value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -98,7 +134,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping of {cls.__name__} keys, got {data!r}", where or None)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: keep the URI marker
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
@@ -108,6 +144,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
     if missing:
         raise ConfigError("missing required key", _path(where, missing[0]))
     kwargs = {k: convert(hints[k], v, _path(where, k)) for k, v in data.items()}
+    for k, f in fields.items():  # a default path ("out/train") is made absolute like a given one
+        if k not in kwargs and _is_uri_type(hints[k]) and isinstance(f.default, str):
+            kwargs[k] = convert(hints[k], f.default, _path(where, k))
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -121,13 +160,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def parse_yaml(text: bytes | str, uri: str) -> Any:
+    """YAML text read from `uri` -> Python objects. A syntax error is one line naming the file,
+    the line and column and the problem (not PyYAML's multi-line dump of the source)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        if mark is not None and problem:
+            context = getattr(e, "context", None)
+            what = f"{context}: {problem}" if context else problem
+            message = f"{uri}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}"
+        else:
+            message = f"{uri}: not valid YAML: {e}"
+        raise ConfigError(" ".join(message.split())) from None
+
+
 def load_config(uri: str, cls: type, section: str | None = None) -> Any:
     """Read a YAML file (local or s3://) into `cls`. With `section`, only that top-level key is
     read (other stages own the other sections); the file must have it."""
-    try:
-        doc = yaml.safe_load(storage.read_bytes(uri))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{uri}: not valid YAML: {e}") from None
+    doc = parse_yaml(storage.read_bytes(uri), uri)
     if section is not None:
         if not isinstance(doc, Mapping) or section not in doc:
             found = ", ".join(map(str, doc)) if isinstance(doc, Mapping) else "no mapping"
@@ -155,3 +207,35 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
             node = child
         node[leaf] = value
     return from_dict(type(cfg), data)
+
+
+def set_dotted(doc: dict, key: str, value: Any) -> None:
+    """Set `key` ("train.steps", "tune.space.k") in a nested mapping, creating missing sections."""
+    parts = key.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError("not a config key (empty part)", key)
+    node = doc
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"is {child!r}, not a section: cannot set {key}", ".".join(parts[: i + 1]))
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_assignments(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """`["train.steps=20", "tune.milestones=[5]"]` (repeatable `--set KEY=VALUE` flags) as
+    {dotted key: value}; each value is read as YAML (`20` an int, `[5]` a list, `null` None)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} train.steps=20")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{text!r} is not a YAML value ({str(e).splitlines()[0]}) in {flag}", key) from None
+    return out

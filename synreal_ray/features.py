@@ -13,16 +13,17 @@ shell only spreads batches of samples over the cluster.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from synreal_ray import storage
+from synreal_ray.config import URI, ConfigError
+from synreal_ray.datasets.images import MAX_PIXELS, ImageError, decode_image
 from synreal_ray.datasets.labels import NUM_CLASSES, to_train_ids
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.spfeat import feature_dim, levels_str, sp_feat
@@ -38,44 +39,50 @@ class SampleError(ValueError):
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    dataset: str
+    dataset: URI
     layout: str
-    out: str
+    out: URI
     split: str | None = None
     levels: str = "1,2,4"
     domain: str | None = None  # default: "real" for cityscapes, "syn" otherwise
     on_error: str = "raise"
     verify_images: bool = False
     batch_size: int = 32
+    max_pixels: int | None = None  # per image or label; None: datasets.images.MAX_PIXELS
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error: {self.on_error!r} must be 'raise' or 'skip'")
+            raise ConfigError(f"{self.on_error!r} must be 'raise' or 'skip'", "on_error")
         if self.domain is not None and self.domain not in DOMAINS:
-            raise ValueError(f"domain: {self.domain!r} must be 'syn' or 'real'")
+            raise ConfigError(f"{self.domain!r} must be 'syn' or 'real'", "domain")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        object.__setattr__(self, "levels", levels_str(self.levels))  # validates and normalises
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", "batch_size")
+        if self.max_pixels is None:
+            object.__setattr__(self, "max_pixels", MAX_PIXELS)
+        elif not isinstance(self.max_pixels, int) or isinstance(self.max_pixels, bool) or self.max_pixels < 1:
+            raise ConfigError(f"must be a whole number >= 1, got {self.max_pixels!r}", "max_pixels")
+        try:
+            object.__setattr__(self, "levels", levels_str(self.levels))  # validates and normalises
+        except ValueError as e:
+            raise ConfigError(str(e), "levels") from None
 
     @property
     def resolved_domain(self) -> str:
         return self.domain or ("real" if self.layout == "cityscapes" else "syn")
 
 
-def _open_image(data: bytes, uri: str, what: str) -> Image.Image:
+def _open_image(data: bytes, uri: str, what: str, max_pixels: int | None = None, load: bool = True) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise SampleError(f"{uri}: unreadable or truncated {what} ({e})") from None
+        return decode_image(data, uri, what, max_pixels, load)
+    except ImageError as e:  # unreadable, truncated, or over the pixel limit: one bad sample
+        raise SampleError(str(e)) from None
 
 
-def read_label(uri: str) -> np.ndarray:
+def read_label(uri: str, max_pixels: int | None = None) -> np.ndarray:
     """Decode a label-ID PNG and map it to train IDs (uint8, 255 = ignore)."""
-    img = _open_image(storage.read_bytes(uri), uri, "label map")
+    img = _open_image(storage.read_bytes(uri), uri, "label map", max_pixels)
     if img.mode not in ("L", "P", "I", "I;16"):
         raise SampleError(f"{uri}: label map has mode {img.mode} (colour?); expected single-channel label IDs")
     try:
@@ -84,10 +91,10 @@ def read_label(uri: str) -> np.ndarray:
         raise SampleError(f"{uri}: {e}") from None
 
 
-def image_size(uri: str, verify: bool = False) -> tuple[int, int]:
+def image_size(uri: str, verify: bool = False, max_pixels: int | None = None) -> tuple[int, int]:
     """(height, width) of an image: from its header only, unless `verify` decodes it whole."""
     if verify:
-        img = _open_image(storage.read_bytes(uri), uri, "image")
+        img = _open_image(storage.read_bytes(uri), uri, "image", max_pixels)
     else:
         fs, path = storage.resolve(uri)
         try:
@@ -95,16 +102,14 @@ def image_size(uri: str, verify: bool = False) -> tuple[int, int]:
                 head = f.read(min(f.size(), 1 << 16))  # a ranged read: the header, not the pixels
         except FileNotFoundError:
             raise SampleError(f"{uri}: image file is missing") from None
-        try:
-            img = Image.open(io.BytesIO(head))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise SampleError(f"{uri}: unreadable image ({e})") from None
+        img = _open_image(head, uri, "image", max_pixels, load=False)
     return img.size[1], img.size[0]
 
 
-def features_of_sample(image_uri: str, label_uri: str, levels, verify_images: bool = False) -> tuple[int, int, np.ndarray]:
-    labels = read_label(label_uri)
-    h, w = image_size(image_uri, verify_images)
+def features_of_sample(image_uri: str, label_uri: str, levels, verify_images: bool = False,
+                       max_pixels: int | None = None) -> tuple[int, int, np.ndarray]:
+    labels = read_label(label_uri, max_pixels)
+    h, w = image_size(image_uri, verify_images, max_pixels)
     if (h, w) != labels.shape:
         raise SampleError(f"{label_uri}: label map is {labels.shape[1]}x{labels.shape[0]} but its image "
                           f"{image_uri} is {w}x{h}")
@@ -123,13 +128,14 @@ def feature_schema(levels, domain: str) -> pa.Schema:
 ERROR_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 
 
-def features_of_batch(batch: dict, levels, domain: str, on_error: str, verify_images: bool = False) -> tuple[pa.Table, list[tuple[str, str]]]:
+def features_of_batch(batch: dict, levels, domain: str, on_error: str, verify_images: bool = False,
+                      max_pixels: int | None = None) -> tuple[pa.Table, list[tuple[str, str]]]:
     """SP-Feat rows of a batch of samples (columns id, image_uri, label_uri) and the errors."""
     rows = {k: [] for k in ("id", "image_uri", "label_uri", "height", "width", "feature")}
     errors = []
     for sid, img, lab in zip(batch["id"], batch["image_uri"], batch["label_uri"]):
         try:
-            h, w, feat = features_of_sample(str(img), str(lab), levels, verify_images)
+            h, w, feat = features_of_sample(str(img), str(lab), levels, verify_images, max_pixels)
         except SampleError as e:
             if on_error == "raise":
                 raise
@@ -157,7 +163,8 @@ def _write_features(batch: dict, cfg: FeaturesConfig) -> dict:
     return a small summary (rows written, errors) so the driver never holds the features."""
     # Errors travel back in the summary rather than as exceptions: Ray wraps a worker's exception
     # in its own, and the user should see one line naming the file, not two stack traces.
-    table, errors = features_of_batch(batch, cfg.levels, cfg.resolved_domain, "skip", cfg.verify_images)
+    table, errors = features_of_batch(batch, cfg.levels, cfg.resolved_domain, "skip", cfg.verify_images,
+                                      cfg.max_pixels)
     name = storage.part_name(batch["id"])
     if table.num_rows:
         storage.write_parquet(table, storage.join(cfg.out, "features", name))
@@ -181,7 +188,7 @@ def run_features(cfg: FeaturesConfig, force: bool = False) -> dict:
                 "listing": hashlib.sha1("\n".join(f"{s.id}|{s.label_uri}" for s in samples).encode()).hexdigest()}
     settings.pop("out")
     settings.pop("batch_size")
-    stage = Stage("features", cfg.out, settings)
+    stage = Stage("features", cfg.out, settings, inputs=[cfg.dataset])
     if not stage.begin(force):
         return {"skipped": True, **storage.read_json(storage.join(cfg.out, "stage.json"))}
     init_ray()
@@ -210,7 +217,7 @@ def run_features(cfg: FeaturesConfig, force: bool = False) -> dict:
 def features_meta(uri: str) -> dict:
     """Levels, class count, dim and domain of a published features output."""
     storage.require_complete(uri, "features output")
-    parts = storage.list_files(storage.join(uri, "features"), ".parquet")
+    parts = storage.data_files(storage.join(uri, "features"))
     if not parts:
         raise FileNotFoundError(f"{uri}: features output holds no Parquet files")
     fs, path = storage.resolve(parts[0])
@@ -223,8 +230,7 @@ def features_meta(uri: str) -> dict:
 def load_features(uri: str, columns=("id", "feature")) -> dict:
     """Whole features table as numpy (ids and an N x D float32 matrix). For sizes that fit the driver."""
     meta = features_meta(uri)
-    fs, path = storage.resolve(storage.join(uri, "features"))
-    table = pq.read_table(path, filesystem=fs, columns=list(columns)).sort_by("id")
+    table = storage.read_table(storage.join(uri, "features"), columns=list(columns)).sort_by("id")
     out = {c: table.column(c).to_numpy() for c in columns if c != "feature"}
     if "feature" in columns:
         out["feature"] = feature_matrix(table.column("feature"), meta["dim"])
@@ -252,8 +258,9 @@ def features_dataset(uri: str, columns=("id", "feature")):
     import ray
 
     storage.require_complete(uri, "features output")
-    fs, path = storage.resolve(storage.join(uri, "features"))
-    return ray.data.read_parquet(path, filesystem=fs, columns=list(columns))
+    files = storage.data_files(storage.join(uri, "features"))
+    fs, _ = storage.resolve(files[0])
+    return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, columns=list(columns))
 
 
 def sample_features(uri: str, n: int, seed: int = 0) -> np.ndarray:

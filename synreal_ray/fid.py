@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synreal_ray import storage
+from synreal_ray.config import URI, ConfigError
 
 DIMS = (64, 192, 768, 2048)
 WEIGHTS_ENV = "SYNREAL_INCEPTION_WEIGHTS"
@@ -188,21 +189,20 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size: {text!r} is not HxW (e.g. 256x512)") from None
+        raise ConfigError(f"{text!r} is not HxW (e.g. 256x512)", "size") from None
     if h < 1 or w < 1:
-        raise ValueError(f"--size: {text!r} must be positive")
+        raise ConfigError(f"{text!r}: both sides must be >= 1", "size")
     return h, w
 
 
 def load_image(data: bytes, size: tuple[int, int] | None = None, uri: str = "<bytes>") -> np.ndarray:
     """Image bytes -> uint8 (H, W, 3) RGB as pytorch-fid reads it; with `size` (H, W) resized
     first with PIL's bilinear filter (antialiased when shrinking)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{uri}: unreadable image ({e})") from None
+    from synreal_ray.datasets.images import decode_image
+
+    img = decode_image(data, uri).convert("RGB")
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(img)
@@ -256,6 +256,47 @@ def small_sample_message(n: int, dims: int, what: str) -> str | None:
         return (f"{what}: {n} images for {dims}-dimensional features: the covariance is rank-deficient "
                 f"and the FID biased (use at least {dims} images, or fewer --dims)")
     return None
+
+
+def kid(acts_a, acts_b, subsets: int = 100, subset_size: int = 1000, degree: int = 3, gamma: float | None = None,
+        coef0: float = 1, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018, as torch-fidelity and clean-fid compute it):
+    the unbiased estimate of MMD² with the polynomial kernel k(x, y) = (gamma x·y + coef0)^degree
+    (default gamma = 1/d: the cubic kernel (x·y/d + 1)³), on `subsets` random pairs of subsets of
+    `subset_size` activations drawn without replacement (capped by the smaller set); returns the
+    mean and the (population) standard deviation over the subsets. Float64 throughout; seeded.
+
+    Per subset of size m: [Σ_{i≠j} k(x_i, x_j) + Σ_{i≠j} k(y_i, y_j)] / (m(m-1)) - 2 Σ_{i,j} k(x_i, y_j) / m²."""
+    a, b = np.asarray(acts_a, np.float64), np.asarray(acts_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"KID needs two (N, d) activation matrices of the same d; got {a.shape} and {b.shape}")
+    m = min(int(subset_size), len(a), len(b))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images per set (and subset_size >= 2); got {len(a)} and {len(b)}, "
+                         f"subset_size {subset_size}")
+    if subsets < 1:
+        raise ValueError(f"KID: subsets must be >= 1, got {subsets}")
+    g = 1.0 / a.shape[1] if gamma is None else float(gamma)
+
+    def kernel(x, y):
+        return (x @ y.T * g + coef0) ** degree
+
+    # Small sets: the three kernel matrices once, subsets index them. Large ones: per subset.
+    whole = (len(a) + len(b)) ** 2 <= 40_000_000  # <= 320 MB of float64
+    if whole:
+        kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
+    rng = np.random.default_rng(seed)
+    mmds = np.empty(subsets, np.float64)
+    for s in range(subsets):
+        ia, ib = rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)
+        if whole:
+            kxx, kyy, kxy = kaa[np.ix_(ia, ia)], kbb[np.ix_(ib, ib)], kab[np.ix_(ia, ib)]
+        else:
+            x, y = a[ia], b[ib]
+            kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+        same = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds[s] = same - 2.0 * kxy.sum() / (m * m)
+    return float(mmds.mean()), float(mmds.std())
 
 
 # --- listing and cache keys ------------------------------------------------------------------
@@ -352,13 +393,10 @@ class InceptionActor:
 
 def _cached_acts(entry: str, dims: int):
     """Activations already in a cache entry: {rel: row index} and the (N, dims) matrix."""
-    import pyarrow.parquet as pq
 
-    parts = storage.list_files(storage.join(entry, "acts"), ".parquet")
-    if not parts:
+    if not storage.data_files(storage.join(entry, "acts")):
         return [], np.zeros((0, dims), np.float32)
-    fs, path = storage.resolve(storage.join(entry, "acts"))
-    table = pq.read_table(path, filesystem=fs, schema=_act_schema(dims))
+    table = storage.read_table(storage.join(entry, "acts"), schema=_act_schema(dims))
     rels = table.column("rel").to_pylist()
     col = table.column("act").combine_chunks()
     acts = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dims)
@@ -390,13 +428,13 @@ def actor_resources(actors: int | None = None, device: str = "auto") -> tuple[in
 
 @dataclass(frozen=True)
 class FidConfig:
-    a: str
-    b: str
-    weights: str | None = None
+    a: URI
+    b: URI
+    weights: URI | None = None
     dims: int = 2048
     size: str | None = None  # "HxW": resize before Inception (Inception itself then resizes to 299)
     max_images: int | None = None
-    cache: str | None = None
+    cache: URI | None = None
     batch_size: int = 50
     actors: int | None = None
     seed: int = 0  # of the --max-images subset
@@ -404,14 +442,18 @@ class FidConfig:
 
     def __post_init__(self):
         if self.dims not in DIMS:
-            raise ValueError(f"--dims: {self.dims} is not one of {', '.join(map(str, DIMS))}")
+            raise ConfigError(f"{self.dims} is not one of {', '.join(map(str, DIMS))}", "dims")
         parse_size(self.size)
         if self.max_images is not None and self.max_images < 2:
-            raise ValueError("--max-images must be at least 2")
+            raise ConfigError(f"must be >= 2 or null (all images), got {self.max_images}", "max_images")
         if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", "batch_size")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
+        if self.seed < 0:
+            raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
         if self.device not in DEVICES:
-            raise ValueError(f"--device: {self.device!r} is not one of {', '.join(DEVICES)}")
+            raise ConfigError(f"{self.device!r} is not one of {', '.join(DEVICES)}", "device")
 
 
 def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights: bytes) -> list[dict]:
@@ -487,7 +529,8 @@ def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights:
 
 
 def run_fid(cfg: FidConfig) -> dict:
-    """FID between folders cfg.a and cfg.b: {"fid", "a": {...}, "b": {...}, "weights", "dims", "warnings"}."""
+    """FID and KID between folders cfg.a and cfg.b: {"fid", "kid", "kid_std", "a": {...}, "b": {...}, "weights",
+    "dims", "warnings"} (KID: `kid` with its defaults, on the same activations)."""
     weights_uri = find_weights(cfg.weights)
     weights = storage.read_bytes(weights_uri)
     read_state_dict(weights, weights_uri)  # a bad file fails here, on the driver, with its name
@@ -498,8 +541,10 @@ def run_fid(cfg: FidConfig) -> dict:
         if msg:
             warnings.warn(msg, SmallSampleWarning, stacklevel=2)
             notes.append(msg)
-    mu1, s1 = statistics(a.pop("acts"))
-    mu2, s2 = statistics(b.pop("acts"))
+    acts_a, acts_b = a.pop("acts"), b.pop("acts")
+    mu1, s1 = statistics(acts_a)
+    mu2, s2 = statistics(acts_b)
     value = frechet_distance(mu1, s1, mu2, s2)
-    return {"fid": value, "a": a, "b": b, "weights": weights_uri, "dims": cfg.dims, "size": cfg.size,
-            "warnings": notes}
+    kid_mean, kid_std = kid(acts_a, acts_b)  # the same cached activations
+    return {"fid": value, "kid": kid_mean, "kid_std": kid_std, "a": a, "b": b, "weights": weights_uri,
+            "dims": cfg.dims, "size": cfg.size, "warnings": notes}

@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from synreal_ray import storage
+from synreal_ray.config import URI, ConfigError
+from synreal_ray.datasets.images import decode_image
 from synreal_ray.datasets.labels import IGNORE, to_train_ids
 from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, load_features
 from synreal_ray.stage import Stage
@@ -37,10 +38,10 @@ PAIR_COLUMNS = ("syn_id", "real_id", "rank", "distance", "w_syn", "w_real",
 
 @dataclass(frozen=True)
 class PairsConfig:
-    syn: str
-    real: str
-    out: str
-    weights: str | None = None  # output of `synreal kliep`; all weights 1 without it
+    syn: URI
+    real: URI
+    out: URI
+    weights: URI | None = None  # output of `synreal kliep`; all weights 1 without it
     k: int = 5
     max_distance: float | None = None
     index: str = "flat"  # or "ivf" (approximate; its recall is measured and reported)
@@ -51,13 +52,18 @@ class PairsConfig:
 
     def __post_init__(self):
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise ConfigError(f"must be >= 1, got {self.k}", "k")
         if self.max_distance is not None and not self.max_distance > 0:
-            raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
+            raise ConfigError(f"must be > 0 or null (keep all pairs), got {self.max_distance}", "max_distance")
         if self.index not in ("flat", "ivf"):
-            raise ValueError(f"index must be flat or ivf, got {self.index!r}")
-        if self.actors < 1 or self.quality_samples < 1:
-            raise ValueError("actors and quality_samples must be >= 1")
+            raise ConfigError(f"must be flat or ivf, got {self.index!r}", "index")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ConfigError(f"must be >= 1 or null, got {self.nprobe}", "nprobe")
+        for key in ("actors", "quality_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key)
+        if self.seed < 0:
+            raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
 
 
 class KnnActor:
@@ -179,8 +185,7 @@ def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
 
 def load_pairs(uri: str) -> pa.Table:
     storage.require_complete(uri, "pairs output")
-    fs, path = storage.resolve(storage.join(uri, "pairs"))
-    return pq.read_table(path, filesystem=fs).sort_by([("syn_id", "ascending"), ("rank", "ascending")])
+    return storage.read_table(storage.join(uri, "pairs")).sort_by([("syn_id", "ascending"), ("rank", "ascending")])
 
 
 # --- quality: SP-Feat pairing against random pairing on the same synthetic images ---
@@ -189,7 +194,7 @@ AGREEMENT_SIZE = (64, 128)  # label maps are compared at this size (nearest neig
 
 
 def _small_labels(uri: str) -> np.ndarray:
-    img = Image.open(io.BytesIO(storage.read_bytes(uri)))
+    img = decode_image(storage.read_bytes(uri), uri, "label map")
     return to_train_ids(np.asarray(img.resize(AGREEMENT_SIZE[::-1], Image.NEAREST)))
 
 
@@ -229,14 +234,12 @@ def quality_report(cfg: PairsConfig, real: dict) -> dict:
 
 
 def load_pairs_unpublished(out: str) -> pa.Table:
-    fs, path = storage.resolve(storage.join(out, "pairs"))
-    return pq.read_table(path, filesystem=fs)
+    return storage.read_table(storage.join(out, "pairs"))
 
 
 def _features_of(uri: str, ids) -> dict[str, np.ndarray]:
     meta = features_meta(uri)
-    fs, path = storage.resolve(storage.join(uri, "features"))
-    t = pq.read_table(path, filesystem=fs, columns=["id", "feature"], filters=[("id", "in", sorted(ids))])
+    t = storage.read_table(storage.join(uri, "features"), columns=["id", "feature"], filters=[("id", "in", sorted(ids))])
     return dict(zip(t.column("id").to_pylist(), feature_matrix(t.column("feature"), meta["dim"])))
 
 
@@ -269,7 +272,7 @@ def preview_grid(uri: str, n: int, tile: tuple[int, int] = (96, 192)) -> bytes:
     draw = ImageDraw.Draw(canvas)
 
     def load(u):
-        return Image.open(io.BytesIO(storage.read_bytes(u))).convert("RGB").resize((tw, th), Image.BILINEAR)
+        return decode_image(storage.read_bytes(u), u).convert("RGB").resize((tw, th), Image.BILINEAR)
 
     for row, s in enumerate(chosen):
         y = row * (th + 4)

@@ -14,6 +14,7 @@ Layout under `out`:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 from dataclasses import dataclass, field
@@ -23,15 +24,16 @@ import yaml
 from PIL import Image
 
 from synreal_ray import storage
-from synreal_ray.config import ConfigError, from_dict, to_dict
+from synreal_ray.config import URI, ConfigError, from_dict, parse_yaml, set_dotted, to_dict
+from synreal_ray.datasets.images import decode_image
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    syn: str = "data/demo/syn"
+    syn: URI = "data/demo/syn"
     syn_layout: Literal["cityscapes", "synscapes", "gta5", "folder"] = "synscapes"
     syn_split: str | None = None
-    real: str = "data/demo/real"
+    real: URI = "data/demo/real"
     real_layout: Literal["cityscapes", "synscapes", "gta5", "folder"] = "cityscapes"
     real_split: str | None = "train"
     real_val_split: str | None = "val"  # a second real split: the real-vs-real FID floor (null: skip)
@@ -41,6 +43,7 @@ class DataConfig:
 class FeaturesSection:
     levels: str = "1,2,4"
     on_error: Literal["raise", "skip"] = "raise"
+    max_pixels: int | None = None  # None: datasets.images.MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,10 @@ class RunSpec:
     weighting: Literal["loss", "sampling", "none"] = "loss"
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run name {self.name!r} must be non-empty and contain no '/'", "name")
+        # the name is a folder under out/runs/: one plain path part
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run name {self.name!r} must be non-empty, not '.' or '..', and contain no '/' or '\\'",
+                              "name")
 
 
 def _default_runs() -> tuple[RunSpec, ...]:
@@ -86,7 +91,7 @@ class TranslateSection:
 
 @dataclass(frozen=True)
 class FidSection:
-    inception_weights: str | None = None  # None: $SYNREAL_INCEPTION_WEIGHTS, else the random-weight fallback
+    inception_weights: URI | None = None  # None: $SYNREAL_INCEPTION_WEIGHTS, else the random-weight fallback
     allow_random_inception: bool = True  # label the table when it had to fall back
     dims: Literal[64, 192, 768, 2048] = 2048
     size: str | None = None
@@ -95,7 +100,7 @@ class FidSection:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    out: str = "out/demo"
+    out: URI = "out/demo"
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesSection = field(default_factory=FeaturesSection)
     kliep: KliepSection = field(default_factory=KliepSection)
@@ -116,25 +121,53 @@ class PipelineConfig:
         for name in self.models:
             if name not in ("unit", "cyclegan"):
                 raise ConfigError(f"unknown model {name!r}; models are unit and cyclegan", "models")
-        for run in self.runs:  # the train section is validated at the door, per run
-            train_config(self, run)
+        if self.grid_images < 1:
+            raise ConfigError(f"must be >= 1, got {self.grid_images}", "grid_images")
+        # Validation at the door: every stage's config is built here from its section, so the
+        # stage's own checks (its __post_init__, written once there) run before any stage does.
+        features_config(self, "syn")
+        features_config(self, "real")
+        kliep_config(self)
+        pairs_config(self)
+        from synreal_ray.train import check_model_config
+
+        for name, options in self.models.items():  # also the options of a model no run uses
+            try:
+                check_model_config(name, options)
+            except ConfigError as e:
+                raise ConfigError(e.message, f"models.{name}.{e.key}") from None
+        for run in self.runs:  # the train section per run (with its model: image size, options)
+            translate_config(self, run, train_config(self, run).out)
+        fid_config(self, self.data.syn, self.data.real, self.fid.inception_weights)
 
 
-def load_pipeline_config(uri: str | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    doc = yaml.safe_load(storage.read_bytes(uri)) if uri else {}
-    return pipeline_config_from_doc(dict(doc or {}), overrides, uri)
+def read_config_doc(uri: str) -> dict:
+    """A config file (local or s3://) as a mapping; bad YAML is a ConfigError naming the file."""
+    doc = parse_yaml(storage.read_bytes(uri), uri)  # a syntax error: one line, with line and column
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"{uri}: expected a mapping of config keys, got {type(doc).__name__}")
+    return dict(doc or {})
 
 
-def pipeline_config_from_doc(doc: dict, overrides: dict[str, Any] | None = None, uri: str | None = None) -> PipelineConfig:
-    """Validate a config mapping; `overrides` are dotted keys (CLI flags; None = not given)."""
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            node = doc
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+def load_pipeline_config(uri: str | None, overrides: dict[str, Any] | None = None,
+                         assignments: dict[str, Any] | None = None) -> PipelineConfig:
+    """The config file `uri` (None: all defaults) with `assignments` (`--set KEY=VALUE`) and then
+    `overrides` (flags such as --out) applied; local paths come back absolute (config.URI)."""
+    return pipeline_config_from_doc(read_config_doc(uri) if uri else {}, overrides, uri, assignments)
+
+
+def pipeline_config_from_doc(doc: dict, overrides: dict[str, Any] | None = None, uri: str | None = None,
+                             assignments: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate a config mapping. `assignments` are dotted keys set as given (`--set`, where
+    null means null); `overrides` are dotted keys of CLI flags, None = flag not given. Errors
+    name the config key, prefixed with the file."""
+    doc = copy.deepcopy(doc)
     try:
+        for key, value in (assignments or {}).items():
+            set_dotted(doc, key, value)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                set_dotted(doc, key, value)
         return from_dict(PipelineConfig, doc)
     except ConfigError as e:
         raise ConfigError(f"{uri}: {e}" if uri else str(e)) from None
@@ -176,41 +209,107 @@ def train_config(cfg: PipelineConfig, run: RunSpec):
     return from_dict(TrainConfig, doc, f"train (run {run.name})")
 
 
+def _stage_config(cls: type, values: dict[str, Any], section: str, renames: dict[str, str]):
+    """`cls(**values)`: the stage's own checks run. An error names the key the user wrote:
+    `section.key`, or `renames[key]` for a value the pipeline took from elsewhere (paths under
+    `out`, the `data` section)."""
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        head, dot, rest = (e.key or "").partition(".")
+        key = (renames.get(head) or f"{section}.{head}") + dot + rest if head else section
+        raise ConfigError(e.message, key) from None
+    except ValueError as e:
+        raise ConfigError(str(e), section) from None
+
+
+def _data_renames(domain: str) -> dict[str, str]:
+    return {"dataset": f"data.{domain}", "layout": f"data.{domain}_layout", "split": f"data.{domain}_split"}
+
+
+def features_config(cfg: PipelineConfig, domain: str, **section: Any):
+    """The features stage of `domain` ("syn" or "real"); `section` replaces keys of the
+    `features:` section (a sweep's levels)."""
+    from synreal_ray.features import FeaturesConfig
+
+    d = cfg.data
+    values = {"dataset": getattr(d, domain), "layout": getattr(d, f"{domain}_layout"),
+              "split": getattr(d, f"{domain}_split"), "out": paths(cfg)[f"{domain}_features"], "domain": domain,
+              **dataclasses.asdict(cfg.features), **section}
+    return _stage_config(FeaturesConfig, values, "features", {**_data_renames(domain), "out": "out"})
+
+
+def kliep_config(cfg: PipelineConfig, **section: Any):
+    """The kliep stage; `section` replaces keys of the `kliep:` section (a sweep's sigma)."""
+    from synreal_ray.weighting import KliepConfig
+
+    p = paths(cfg)
+    values = {"syn": p["syn_features"], "real": p["real_features"], "out": p["kliep"],
+              **dataclasses.asdict(cfg.kliep), **section}
+    return _stage_config(KliepConfig, values, "kliep", {"syn": "out", "real": "out", "out": "out"})
+
+
+def pairs_config(cfg: PipelineConfig, **section: Any):
+    """The pairs stage; `section` replaces keys of the `pairs:` section (a sweep's k)."""
+    from synreal_ray.pairing import PairsConfig
+
+    p = paths(cfg)
+    values = {"syn": p["syn_features"], "real": p["real_features"], "weights": p["kliep"], "out": p["pairs"],
+              **dataclasses.asdict(cfg.pairs), **section}
+    return _stage_config(PairsConfig, values, "pairs", {"syn": "out", "real": "out", "weights": "out", "out": "out"})
+
+
+def translate_config(cfg: PipelineConfig, run: RunSpec, checkpoint: str):
+    from synreal_ray.translate import TranslateConfig
+
+    d = cfg.data
+    values = {"checkpoint": checkpoint, "dataset": d.syn, "layout": d.syn_layout, "split": d.syn_split,
+              "out": translated_uri(cfg, run), **dataclasses.asdict(cfg.translate)}
+    return _stage_config(TranslateConfig, values, "translate", {**_data_renames("syn"), "checkpoint": "out", "out": "out"})
+
+
+def fid_config(cfg: PipelineConfig, a: str, b: str, weights: str | None):
+    from synreal_ray.fid import FidConfig
+
+    f = cfg.fid
+    values = {"a": a, "b": b, "weights": weights, "dims": f.dims, "size": f.size, "max_images": f.max_images,
+              "cache": paths(cfg)["fid_cache"]}
+    return _stage_config(FidConfig, values, "fid", {"a": "data", "b": "data", "weights": "fid.inception_weights",
+                                                    "cache": "out"})
+
+
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     """Run every stage (each skipped when already done) and write the report."""
     from synreal_ray.cluster import init_ray
-    from synreal_ray.features import FeaturesConfig, run_features
-    from synreal_ray.pairing import PairsConfig, run_pairs
+    from synreal_ray.features import run_features
+    from synreal_ray.pairing import run_pairs
     from synreal_ray.train import run_train
-    from synreal_ray.translate import TranslateConfig, run_translate
-    from synreal_ray.weighting import KliepConfig, run_kliep
+    from synreal_ray.translate import run_translate
+    from synreal_ray.weighting import run_kliep
 
+    from synreal_ray.stage import check_output
+
+    # The pipeline's folder holds every stage's output: it may not be, hold or lie inside the data.
+    check_output(cfg.out, [cfg.data.syn, cfg.data.real], "out")
     init_ray()
     storage.write_bytes(storage.join(cfg.out, "config.yaml"), yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False).encode())
-    p, d = paths(cfg), cfg.data
-    feats = dict(levels=cfg.features.levels, on_error=cfg.features.on_error)
     _log("features")
-    run_features(FeaturesConfig(dataset=d.syn, layout=d.syn_layout, split=d.syn_split, out=p["syn_features"],
-                                domain="syn", **feats), force)
-    run_features(FeaturesConfig(dataset=d.real, layout=d.real_layout, split=d.real_split, out=p["real_features"],
-                                domain="real", **feats), force)
+    run_features(features_config(cfg, "syn"), force)
+    run_features(features_config(cfg, "real"), force)
     needs_weights = any(r.weighting != "none" for r in cfg.runs)
     needs_pairs = any(r.pairing == "spfeat" for r in cfg.runs)
     if needs_weights or needs_pairs:
         _log("kliep")
-        run_kliep(KliepConfig(syn=p["syn_features"], real=p["real_features"], out=p["kliep"],
-                              **dataclasses.asdict(cfg.kliep)), force)
+        run_kliep(kliep_config(cfg), force)
     if needs_pairs:
         _log("pairs")
-        run_pairs(PairsConfig(syn=p["syn_features"], real=p["real_features"], weights=p["kliep"], out=p["pairs"],
-                              **dataclasses.asdict(cfg.pairs)), force)
+        run_pairs(pairs_config(cfg), force)
     for run in cfg.runs:
         _log(f"train {run.name}")
         tc = train_config(cfg, run)
         run_train(tc, force=force)
         _log(f"translate {run.name}")
-        run_translate(TranslateConfig(checkpoint=tc.out, dataset=d.syn, layout=d.syn_layout, split=d.syn_split,
-                                      out=translated_uri(cfg, run), batch_size=cfg.translate.batch_size), force)
+        run_translate(translate_config(cfg, run, tc.out), force)
     _log("fid + report")
     return write_report(cfg)
 
@@ -253,11 +352,9 @@ def inception_weights(cfg: PipelineConfig) -> tuple[str, bool]:
 
 
 def fid_between(cfg: PipelineConfig, a: str, b: str, weights: str) -> float:
-    from synreal_ray.fid import FidConfig, run_fid
+    from synreal_ray.fid import run_fid
 
-    f = cfg.fid
-    return run_fid(FidConfig(a=a, b=b, weights=weights, dims=f.dims, size=f.size, max_images=f.max_images,
-                             cache=paths(cfg)["fid_cache"]))["fid"]
+    return run_fid(fid_config(cfg, a, b, weights))["fid"]
 
 
 def write_report(cfg: PipelineConfig) -> dict:
@@ -309,7 +406,7 @@ def before_after_grid(cfg: PipelineConfig, tile: tuple[int, int] = (96, 192)) ->
         draw.text((col * (tw + 4) + 2, 1), title, fill="black")
 
     def tile_of(uri):
-        return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB").resize((tw, th), Image.BILINEAR)
+        return decode_image(storage.read_bytes(uri), uri).convert("RGB").resize((tw, th), Image.BILINEAR)
 
     for row, s in enumerate(chosen):
         y = header + row * (th + 4)

@@ -112,18 +112,74 @@ def read_bytes(uri: str) -> bytes:
         raise FileNotFoundError(f"{uri}: no such file") from e
 
 
+TMP_MARK = ".tmp-"
+
+
+def is_hidden(name: str) -> bool:
+    """Names that readers skip, as Arrow does: `_SUCCESS`, `_manifest/`, `.part.tmp-1a2b` ..."""
+    return name.startswith(("_", "."))
+
+
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write one object whole: readers never see a half-written file."""
+    """Write one object whole: readers never see a half-written file.
+
+    Locally: a hidden temporary name beside the target (`.NAME.tmp-HEX`, which every reader of this
+    project and Arrow skip), fsync, rename, fsync of the folder. On S3: one PUT (or a multipart
+    upload completed at close), which is atomic by itself."""
     fs, path = resolve(uri)
     if is_s3(uri):
-        with fs.open_output_stream(path) as f:  # one PUT (or a multipart upload completed at close)
+        with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def data_files(uri: str, suffix: str = ".parquet") -> list[str]:
+    """The data files of a folder written by a stage, as URIs, sorted: files ending in `suffix`,
+    skipping any whose name or folder starts with `_` or `.` (markers, journals, temporaries)."""
+    rel = lambda u: relpath(u, uri) if u != str(uri) else posixpath.basename(u)  # noqa: E731
+    return [u for u in list_files(uri, suffix) if not any(is_hidden(p) for p in rel(u).split("/"))]
+
+
+def read_table(uri: str, **kwargs):
+    """All data files of a Parquet folder (or one file) as one pyarrow Table: the one reader every
+    stage uses, so a temporary or marker file is never read as data. kwargs go to pq.read_table
+    (columns=, filters=, schema=)."""
+    import pyarrow.parquet as pq
+
+    files = data_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no Parquet files")
+    fs, _ = resolve(files[0])
+    return pq.read_table([resolve(f)[1] for f in files], filesystem=fs, **kwargs)
+
+
+def safe_join(root: str, rel: str) -> str:
+    """`root` joined with a relative path taken from data (an id, a file's path in a dataset),
+    refusing one that is absolute, empty or climbs out with `..`: outputs stay under `root`."""
+    rel = str(rel)
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]:
+        raise ValueError(f"{rel!r}: not a plain relative path (absolute, empty, or with '.'/'..' parts); "
+                         f"refusing to write it under {root}")
+    return join(root, *parts)
 
 
 def write_parquet(table, uri: str) -> None:
@@ -150,11 +206,57 @@ def write_json(uri: str, obj: dict) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def delete_dir(uri: str) -> None:
+def listing(uri: str) -> list[tuple[str, int, int]]:
+    """(path relative to `uri`, size, modification time in ns) of every file under `uri` (or of
+    `uri` itself when it is a file), sorted; [] when it does not exist. On S3 the time is the
+    object's LastModified."""
     fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [(posixpath.basename(path), info.size, info.mtime_ns or 0)]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    root = path.rstrip("/") + "/"
+    return sorted((f.path[len(root):].replace(os.sep, "/"), f.size, f.mtime_ns or 0)
+                  for f in fs.get_file_info(sel) if f.type == pafs.FileType.File)
+
+
+def _refuse_root(uri: str, fs_path: str) -> None:
+    # Arrow empties a bucket before it refuses to delete it: never hand it a bare bucket.
+    if (is_s3(uri) and "/" not in fs_path.strip("/")) or (not is_s3(uri) and os.path.dirname(fs_path) == fs_path):
+        raise ValueError(f"{uri}: refusing to delete a whole bucket or filesystem root")
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a folder and everything in it (callers own it: see stage.Stage's guard)."""
+    fs, path = resolve(uri)
+    _refuse_root(uri, path)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return
     fs.delete_dir(path)
+
+
+def clear_dir(uri: str, keep: tuple[str, ...] = ()) -> None:
+    """Empty a folder, keeping the top-level files named in `keep` (one call per child folder, so
+    S3 deletes in batches)."""
+    fs, path = resolve(uri)
+    _refuse_root(uri, path)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.base_name in keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
 
 
 def makedirs(uri: str) -> None:

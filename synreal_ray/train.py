@@ -64,14 +64,13 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from synreal_ray import storage
-from synreal_ray.config import ConfigError, convert, from_dict, to_dict
+from synreal_ray.config import URI, ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.sampler import SmartBatchSampler
-from synreal_ray.stage import Stage, fingerprint, read_info
+from synreal_ray.stage import Stage, read_info
 
 if typing.TYPE_CHECKING:
     import torch
@@ -94,15 +93,15 @@ class TrainConfig:
     """Settings of the train stage (the `train:` section of a config file)."""
 
     # data: dataset roots (local or s3://) in a layout of datasets/layouts.py
-    syn: str = "data/demo/syn"
+    syn: URI = "data/demo/syn"
     syn_layout: str = "synscapes"
     syn_split: Optional[str] = None
-    real: str = "data/demo/real"
+    real: URI = "data/demo/real"
     real_layout: str = "cityscapes"
     real_split: Optional[str] = None
-    pairs: Optional[str] = None  # output of the pairs stage; None: random pairing (the baseline)
-    weights: Optional[str] = None  # output of the kliep stage; overrides the pairs' w_syn, w_real
-    out: str = "out/train"
+    pairs: Optional[URI] = None  # output of the pairs stage; None: random pairing (the baseline)
+    weights: Optional[URI] = None  # output of the kliep stage; overrides the pairs' w_syn, w_real
+    out: URI = "out/train"
     # sampler (see sampler.py); pairing None: "spfeat" with pairs, else "random"
     pairing: Optional[Literal["spfeat", "random"]] = None
     weighting: Literal["loss", "sampling", "none"] = "loss"
@@ -150,22 +149,21 @@ class TrainConfig:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"must be > 0 or null (the model's default), got {self.lr}", "lr")
-        from synreal_ray.models import MODELS, default_config
+        from synreal_ray.models import image_size_rule
 
-        # model options: the model's own keyword arguments, with their annotated types
-        hints = typing.get_type_hints(MODELS[self.model].__init__)
-        allowed = default_config(self.model)
-        checked = {}
-        for key, value in self.model_config.items():
-            if key not in allowed:
-                raise ConfigError(f"unknown {self.model} option; allowed: {', '.join(sorted(allowed))}",
-                                  f"model_config.{key}")
-            checked[key] = convert(hints.get(key, Any), value, f"model_config.{key}")
+        try:
+            checked = check_model_config(self.model, self.model_config)
+        except ConfigError as e:
+            raise ConfigError(e.message, f"model_config.{e.key}") from None
         object.__setattr__(self, "model_config", checked)
+        # the model must accept the crops: checked here, not found out inside a Ray Train worker
         h, w = parse_size(self.image_size)
-        step = 2 ** self.full_model_config()["n_downsample"]
+        step, minimum, why = image_size_rule(self.model, **checked)
         if h % step or w % step:
             raise ConfigError(f"{h}x{w}: both sides must be multiples of {step} (2**n_downsample)", "image_size")
+        if min(h, w) < minimum:
+            raise ConfigError(f"{h}x{w} is too small for {self.model}: each side must be at least {minimum} "
+                              f"and a multiple of {step} ({why})", "image_size")
         object.__setattr__(self, "image_size", f"{h}x{w}")
 
     @property
@@ -177,6 +175,26 @@ class TrainConfig:
         from synreal_ray.models import default_config
 
         return {**default_config(self.model), **self.model_config}
+
+
+def check_model_config(model: str, options: dict[str, Any]) -> dict[str, Any]:
+    """build_model options of `model` checked before anything is built: known names, the
+    constructor's annotated types, the model's own ranges (`check_options`). A ConfigError's key
+    is the option's name; the caller prefixes where the options came from."""
+    from synreal_ray.models import MODELS, OptionError, check_options, default_config
+
+    hints = typing.get_type_hints(MODELS[model].__init__)
+    allowed = default_config(model)
+    checked = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown {model} option; allowed: {', '.join(sorted(allowed))}", key)
+        checked[key] = convert(hints.get(key, Any), value, key)
+    try:
+        check_options(model, **checked)
+    except OptionError as e:
+        raise ConfigError(e.message, e.option) from None
+    return checked
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -191,10 +209,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def load_image(uri: str, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8: the image scaled to cover `size` and centre-cropped (keeps the aspect)."""
+    from synreal_ray.datasets.images import ImageError, decode_image
+
     h, w = size
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+        with decode_image(storage.read_bytes(uri), uri) as im:  # the pixel limit applies
             im = ImageOps.fit(im.convert("RGB"), (w, h), method=Image.Resampling.BICUBIC)
+    except ImageError:  # unreadable or too large: its message names the file already
+        raise
     except (OSError, ValueError) as e:
         raise ValueError(f"{uri}: cannot read image: {e}") from None
     return np.asarray(im, dtype=np.uint8)
@@ -220,8 +242,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def read_pairs(uri: str) -> pa.Table:
     """The pairs stage's table (`{uri}/pairs/part-*.parquet`), published with `_SUCCESS`."""
     storage.require_complete(uri, "pairs output")
-    fs, path = storage.resolve(storage.join(uri, "pairs"))
-    table = pq.read_table(path, filesystem=fs)
+    table = storage.read_table(storage.join(uri, "pairs"))
     missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{uri}: pairs table lacks column(s) {missing}; it has {table.column_names}")
@@ -614,18 +635,8 @@ class _Streams:
         return ds
 
 
-def _begin(stage: Stage, resume: bool, force: bool) -> bool:
-    """Like Stage.begin, but a resumed run keeps what is there (checkpoints, metrics) and only
-    withdraws `_SUCCESS`: while it runs, the output must not look complete."""
-    if not resume:
-        return stage.begin(force)
-    stage.fp, stage.started = fingerprint(stage.settings, stage.inputs), time.time()
-    if not force and storage.is_complete(stage.out) and read_info(stage.out).get("fingerprint") == stage.fp:
-        return False
-    fs, path = storage.resolve(storage.join(stage.out, storage.SUCCESS))
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_file(path)
-    return True
+# Settings that may change between a run and its continuation: more steps extend the same run.
+CONTINUABLE = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "grid_every")
 
 
 def _absolute(uri: Optional[str]) -> Optional[str]:
@@ -656,8 +667,10 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callabl
     data = prepare_data(cfg)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "resume")}
     inputs = [cfg.syn, cfg.real] + [u for u in (cfg.pairs, cfg.weights) if u]
-    stage = Stage("train", cfg.out, settings, inputs)
-    if not _begin(stage, cfg.resume, force):
+    run_settings = {k: v for k, v in settings.items() if k not in CONTINUABLE}
+    # Checkpoints are expensive: another run's are only deleted with force (see stage.Stage).
+    stage = Stage("train", cfg.out, settings, inputs, run_settings=run_settings, precious=True)
+    if not stage.begin(force, resume=cfg.resume):
         return {**read_info(cfg.out), "skipped": True}
     run = run_folder(cfg.out)
     start, checkpoint = resume_point(run)

@@ -15,7 +15,7 @@ Resumable and idempotent: each actor batch writes its images and labels (each ob
 a journal part `_manifest/part-*.parquet` naming them. A re-run after a crash keeps what the
 journal records and translates the rest; a completed output with the same fingerprint (checkpoint,
 dataset listing, layout) is skipped. The journal is merged into `manifest.parquet` at the end.
-`_started.json` records which run (fingerprint) the journal belongs to: a run with another
+The stage marker records which run (fingerprint) the journal belongs to: a run with another
 checkpoint or dataset clears the output instead of mixing two translations.
 """
 
@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from synreal_ray import storage
+from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 
 STATE = "state.pt"
 META = "meta.json"
 JOURNAL = "_manifest"
-STARTED = "_started.json"  # fingerprint of the run the journal belongs to
 MANIFEST = "manifest.parquet"
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -165,12 +165,10 @@ def translate_batch(gen, images: list[np.ndarray], multiple: int = 4, amp: bool 
 
 
 def decode_rgb(data: bytes, uri: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """uint8 RGB of an image file; unreadable or over the pixel limit: ImageError (a ValueError)."""
+    from synreal_ray.datasets.images import decode_image
 
-    try:
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{uri}: unreadable or truncated image ({e})") from None
+    return np.asarray(decode_image(data, uri).convert("RGB"))
 
 
 def encode_image(arr: np.ndarray, name: str) -> bytes:
@@ -244,10 +242,10 @@ class Translator:
 
 @dataclass(frozen=True)
 class TranslateConfig:
-    checkpoint: str
-    dataset: str
+    checkpoint: URI
+    dataset: URI
     layout: str
-    out: str
+    out: URI
     split: str | None = None
     batch_size: int = 8
     actors: int | None = None
@@ -256,23 +254,20 @@ class TranslateConfig:
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+            raise ConfigError(f"must be >= 1, got {self.batch_size}", "batch_size")
         if self.actors is not None and self.actors < 1:
-            raise ValueError("--actors must be >= 1")
+            raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device: {self.device!r} is not one of auto, cpu, cuda")
+            raise ConfigError(f"{self.device!r} is not one of auto, cpu, cuda", "device")
 
 
 def _read_journal(out: str):
-    import pyarrow.parquet as pq
 
-    parts = storage.list_files(storage.join(out, JOURNAL), ".parquet")
-    if not parts:
+    if not storage.data_files(storage.join(out, JOURNAL)):
         return manifest_schema().empty_table()
-    fs, path = storage.resolve(storage.join(out, JOURNAL))
-    return pq.read_table(path, filesystem=fs, schema=manifest_schema())
+    return storage.read_table(storage.join(out, JOURNAL), schema=manifest_schema())
 
 
 def _remove_temporaries(out: str) -> int:
@@ -324,7 +319,7 @@ def _manifest_from_journal(out: str, samples) -> "pa.Table":  # noqa: F821
 
 def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
     """Run (or resume, or skip) the stage; returns its stage.json record (+ "skipped")."""
-    from synreal_ray.stage import STAGE_JSON, Stage, fingerprint
+    from synreal_ray.stage import STAGE_JSON, Stage
 
     samples, problems = list_dataset(cfg.dataset, cfg.layout, cfg.split)
     if problems:
@@ -336,29 +331,21 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
     settings = {"checkpoint": ckpt, "checkpoint_state": [st.size, st.mtime_ns], "dataset": cfg.dataset,
                 "layout": cfg.layout, "split": cfg.split, "amp": cfg.amp,
                 "listing": hashlib.sha1("\n".join(f"{s.id}|{s.image_uri}|{s.label_uri}" for s in samples).encode()).hexdigest()}
-    stage = Stage("translate", cfg.out, settings)
-    stage.fp, stage.started = fingerprint(settings), time.time()
     out = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
-    stage.out = out
-
-    if not force and storage.is_complete(out) and stage_fp(out) == stage.fp:
+    # The journal belongs to one run (checkpoint, dataset listing, settings): another run clears it.
+    stage = Stage("translate", out, settings, inputs=[cfg.dataset, ckpt], run_settings=settings,
+                  run_inputs=[ckpt])
+    if not stage.begin(force):
         return {"skipped": True, **storage.read_json(storage.join(out, STAGE_JSON))}
-    started = storage.join(out, STARTED)
-    resuming = (not force and not storage.is_complete(out) and storage.exists(started)
-                and storage.read_json(started).get("fingerprint") == stage.fp)
-    if resuming:
+    removed, done = 0, set()
+    if stage.resumed:
         removed = _remove_temporaries(out)
         done = set(_read_journal(out).column("id").to_pylist())
-    else:  # a different checkpoint or dataset, --force, or not ours: start from nothing
-        storage.delete_dir(out)
-        storage.makedirs(out)
-        storage.write_json(started, {"fingerprint": stage.fp, "settings": settings})
-        removed, done = 0, set()
 
     root = str(cfg.dataset).rstrip("/")
     todo = [{"id": s.id, "image_uri": s.image_uri, "label_uri": s.label_uri,
-             "output_uri": storage.join(out, storage.relpath(s.image_uri, root)),
-             "label_out": storage.join(out, storage.relpath(s.label_uri, root))}
+             "output_uri": storage.safe_join(out, storage.relpath(s.image_uri, root)),
+             "label_out": storage.safe_join(out, storage.relpath(s.label_uri, root))}
             for s in samples if s.id not in done]
     t0 = time.time()
     actors, first, after_first = 0, None, 0
@@ -409,18 +396,9 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
                            config={k: v for k, v in asdict(cfg).items() if k != "out"})
     # housekeeping after _SUCCESS: the manifest holds everything the journal did
     storage.delete_dir(storage.join(out, JOURNAL))
-    fs, path = storage.resolve(started)
-    fs.delete_file(path)
     return record
 
 
 def _checkpoint_step(ckpt: str) -> int | None:
     meta = storage.join(ckpt, META)
     return storage.read_json(meta).get("step") if storage.exists(meta) else None
-
-
-def stage_fp(out: str) -> str | None:
-    try:
-        return storage.read_json(storage.join(out, "stage.json")).get("fingerprint")
-    except FileNotFoundError:
-        return None

@@ -13,12 +13,22 @@ Output under the sweep's `out`:
   trials/<trial id>/     each trial's pairs, training run and translations
   tune/                  Ray Tune's experiment folder (what `Tuner.restore` reads)
   results.csv, results.md (best first), best.yaml (a config `synreal run` accepts)
+  errors/<trial id>.txt  the full traceback of each failed trial (its row says type and message)
+
+Paths in `cfg` are absolute (the config layer resolves them): each trial runs in a working
+directory of its own, where a relative path would point elsewhere.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
+import logging
+import math
+import re
+import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +38,10 @@ from synreal_ray import storage
 from synreal_ray.config import ConfigError, from_dict, to_dict
 from synreal_ray.pipeline import PipelineConfig, RunSpec, _plain, fid_between, inception_weights
 
+log = logging.getLogger("synreal.tune")
+
 METRIC = "fid"
+PARAMS = ("k", "levels", "sigma", "model", "weighting")
 
 
 @dataclass(frozen=True)
@@ -65,20 +78,62 @@ class TuneSection:
             raise ConfigError(f"must be increasing step counts >= 1, got {self.milestones}", "milestones")
         if self.scheduler not in ("asha", "fifo"):
             raise ConfigError(f"{self.scheduler!r} is not asha or fifo", "scheduler")
-        if self.val_images < 2 or self.max_concurrent_trials < 1 or self.grace_period < 1:
-            raise ConfigError("val_images >= 2, max_concurrent_trials >= 1 and grace_period >= 1 are needed")
+        for key, low in (("val_images", 2), ("grace_period", 1), ("max_concurrent_trials", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"must be >= {low}, got {getattr(self, key)}", key)
+        if not self.trial_cpus > 0:
+            raise ConfigError(f"must be > 0, got {self.trial_cpus}", "trial_cpus")
 
 
-def load_sweep_config(uri: str, overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, TuneSection]:
-    """A sweep file is a pipeline config plus a `tune:` section."""
-    from synreal_ray.pipeline import pipeline_config_from_doc
+def check_space(cfg: PipelineConfig, space: SearchSpace) -> None:
+    """Every searched value through the check of the stage that takes it (written once, in that
+    stage's config), before any trial runs; an error names the value, e.g. `tune.space.k[1]`."""
+    from synreal_ray.pipeline import features_config, kliep_config, pairs_config, train_config
 
-    doc = dict(yaml.safe_load(storage.read_bytes(uri)) or {})
+    checks = {"k": lambda v: pairs_config(cfg, k=v), "levels": lambda v: features_config(cfg, "syn", levels=v),
+              "sigma": lambda v: kliep_config(cfg, sigma=v)}
+    for name, check in checks.items():
+        for i, value in enumerate(getattr(space, name)):
+            try:
+                check(value)
+            except ConfigError as e:
+                raise ConfigError(e.message, f"tune.space.{name}[{i}]") from None
+    for i, model in enumerate(space.model):  # the train section with each model: its options, the image size
+        for weighting in space.weighting:
+            try:
+                train_config(cfg, RunSpec(f"{model}-{weighting}", model, "spfeat", weighting))
+            except ConfigError as e:
+                raise ConfigError(str(e), f"tune.space.model[{i}]") from None
+
+
+def load_sweep_config(uri: str, overrides: dict[str, Any] | None = None,
+                      assignments: dict[str, Any] | None = None) -> tuple[PipelineConfig, TuneSection]:
+    """A sweep file is a pipeline config plus a `tune:` section. `assignments` (`--set`) may
+    set keys of either (`tune.milestones`, `train.steps`); `overrides` are CLI flags (None: not
+    given)."""
+    from synreal_ray.config import set_dotted
+    from synreal_ray.pipeline import pipeline_config_from_doc, read_config_doc
+
+    doc = read_config_doc(uri)
+    pipeline_sets = {}
+    tune_doc = doc.pop("tune", None) or {}
     try:
-        tune_cfg = from_dict(TuneSection, doc.pop("tune", {}), "tune")
+        if not isinstance(tune_doc, dict):
+            raise ConfigError(f"expected a mapping of tune keys, got {tune_doc!r}", "tune")
+        for key, value in (assignments or {}).items():
+            if key.startswith("tune."):
+                set_dotted(tune_doc, key[len("tune."):], value)
+            else:
+                pipeline_sets[key] = value
+        tune_cfg = from_dict(TuneSection, tune_doc, "tune")
     except ConfigError as e:
         raise ConfigError(f"{uri}: {e}") from None
-    return pipeline_config_from_doc(doc, overrides, uri), tune_cfg
+    cfg = pipeline_config_from_doc(doc, overrides, uri, pipeline_sets)
+    try:
+        check_space(cfg, tune_cfg.space)
+    except ConfigError as e:
+        raise ConfigError(f"{uri}: {e}") from None
+    return cfg, tune_cfg
 
 
 # --- what trials share, computed once ---
@@ -122,12 +177,12 @@ def write_validation_subset(cfg: PipelineConfig, n: int) -> str:
 
     d = cfg.data
     out = cache_paths(cfg, "1", None)["val"]
-    stage = Stage("val-subset", out, {"n": n, "syn": d.syn, "layout": d.syn_layout, "split": d.syn_split})
+    stage = Stage("val-subset", out, {"n": n, "layout": d.syn_layout, "split": d.syn_split}, inputs=[d.syn])
     if stage.begin():
         samples, _ = list_dataset(d.syn, d.syn_layout, d.syn_split)
         for s in samples[:n]:
             for uri in (s.image_uri, s.label_uri):
-                storage.write_bytes(storage.join(out, *storage.relpath(uri, d.syn).split("/")), storage.read_bytes(uri))
+                storage.write_bytes(storage.safe_join(out, storage.relpath(uri, d.syn)), storage.read_bytes(uri))
         stage.publish(images=min(n, len(samples)))
     return out
 
@@ -178,25 +233,113 @@ def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection
 
 # --- the sweep ---
 
-def run_sweep(cfg: PipelineConfig, tune_cfg: TuneSection) -> list[dict[str, Any]]:
+class SweepFailedError(RuntimeError):
+    """No trial produced a FID; results.md names each trial's error and traceback file."""
+
+
+def num_trials(space: SearchSpace) -> int:
+    return math.prod(len(getattr(space, k)) for k in PARAMS)
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h} h {m:02d} min" if h else f"{m} min {sec:02d} s" if m else f"{sec} s"
+
+
+def _eta_callback(total: int, concurrent: int):
+    """A Tune callback (on the driver) that logs, from the first finished trial on, how long the
+    sweep will take: trials finished so far against the wall time they took."""
+    import ray.tune
+
+    class EtaCallback(ray.tune.Callback):
+        def __init__(self):
+            self.start, self.done = None, 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.start is None:
+                self.start = time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def _finished(self, trial):
+            self.done += 1
+            elapsed = time.time() - (self.start or time.time())
+            left = max(total - self.done, 0)
+            if self.done == 1:
+                whole = elapsed * math.ceil(total / concurrent) if concurrent > 1 else elapsed * total
+                log.info("first trial finished in %s: the sweep's %s should take about %s in all "
+                         "(less where ASHA stops trials early)", _duration(elapsed), _trials(total), _duration(whole))
+            elif left:
+                log.info("%d of %d trials finished after %s; about %s left", self.done, total,
+                         _duration(elapsed), _duration(elapsed / self.done * left))
+
+    return EtaCallback()
+
+
+SWEEP_JSON = "_synreal_sweep.json"  # the settings of the sweep that the tune/ folder belongs to
+
+
+def same_sweep(cfg: PipelineConfig, tune_cfg: TuneSection, can_restore: bool, force: bool = False) -> bool:
+    """Whether to restore the interrupted sweep under `cfg.out`: only one with the same settings.
+    Another sweep's remains are refused unless `force`, which clears them (trials and Tune's
+    folder; the shared cache stays: its stages check their own fingerprints)."""
+    from synreal_ray.stage import OutputError, check_output, fingerprint
+
+    check_output(cfg.out, [cfg.data.syn, cfg.data.real], "out")
+    settings = {"pipeline": to_dict(cfg), "tune": to_dict(tune_cfg)}
+    marker = storage.join(cfg.out, "tune", SWEEP_JSON)
+    fp = fingerprint(settings)
+    old = storage.read_json(marker) if storage.exists(marker) else None
+    if can_restore and not force:
+        if old is None or old.get("fingerprint") != fp:
+            changed = sorted(f"{part}.{k}" for part in settings for k in settings[part]
+                             if old is None or (old.get("settings") or {}).get(part, {}).get(k) != settings[part][k])
+            raise OutputError(f"{cfg.out}: holds an interrupted sweep with other settings "
+                              f"({', '.join(changed[:5]) or 'unknown'} differ); use another out, or --force to "
+                              "delete its trials and start over")
+        return True
+    if can_restore or old is not None:  # forced: another sweep's trials go
+        for folder in ("tune", "trials", "errors"):
+            storage.delete_dir(storage.join(cfg.out, folder))
+    storage.write_json(marker, {"fingerprint": fp, "settings": settings})
+    return False
+
+
+def run_sweep(cfg: PipelineConfig, tune_cfg: TuneSection, force: bool = False) -> list[dict[str, Any]]:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from synreal_ray.cluster import init_ray
 
+    storage_path = storage.join(cfg.out, "tune")  # absolute: cfg.out went through the config layer
+    exp = storage.join(storage_path, "sweep")
+    total = num_trials(tune_cfg.space)
+    grid = " x ".join(f"{len(getattr(tune_cfg.space, k))} {k}" for k in PARAMS)
+    restoring = same_sweep(cfg, tune_cfg, ray.tune.Tuner.can_restore(exp), force)
+    if restoring:
+        log.info("resuming the interrupted sweep in %s (%s in all: %s)", exp, _trials(total), grid)
+    else:
+        stop = (f"; ASHA stops weak trials after {tune_cfg.grace_period} milestone(s)"
+                if tune_cfg.scheduler == "asha" and len(tune_cfg.milestones) > tune_cfg.grace_period else "")
+        log.info("sweep of %s (%s), %d at a time, FID after %s steps%s; results in %s", _trials(total), grid,
+                 tune_cfg.max_concurrent_trials, ", ".join(map(str, tune_cfg.milestones)), stop, cfg.out)
     init_ray()
+    log.info("computing what the trials share (features, KLIEP, the validation subset)")
     prepare_shared(cfg, tune_cfg)
     inception_weights(cfg)  # the random-weight fallback is written once, before trials race for it
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, cfg=cfg, tune_cfg=tune_cfg), {"cpu": tune_cfg.trial_cpus})
-    storage_path = storage.join(cfg.out, "tune")
-    if not storage.is_s3(storage_path):
-        import os
-
-        storage_path = os.path.abspath(storage_path)
-    exp = storage.join(storage_path, "sweep")
-    if ray.tune.Tuner.can_restore(exp):
-        print(f"[synreal] resuming the interrupted sweep in {exp}", flush=True)
+    callbacks = [_eta_callback(total, tune_cfg.max_concurrent_trials)]
+    if restoring:
         tuner = ray.tune.Tuner.restore(exp, trainable=trainable, resume_errored=True)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(tune_cfg.milestones),
@@ -207,46 +350,116 @@ def run_sweep(cfg: PipelineConfig, tune_cfg: TuneSection) -> list[dict[str, Any]
             param_space=_space(tune_cfg.space),
             tune_config=ray.tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
                                             max_concurrent_trials=tune_cfg.max_concurrent_trials),
-            run_config=ray.tune.RunConfig(name="sweep", storage_path=storage_path, verbose=1))
+            run_config=ray.tune.RunConfig(name="sweep", storage_path=storage_path, verbose=1, callbacks=callbacks))
     results = tuner.fit()
-    rows = []
-    for r in results:
-        if r.metrics and METRIC in r.metrics:
-            rows.append({**{k: r.config[k] for k in ("k", "levels", "sigma", "model", "weighting")},
-                         METRIC: r.metrics[METRIC], "step": r.metrics.get("step"),
-                         "trial": r.metrics.get("trial_id"), "error": None})
-        else:
-            rows.append({**{k: r.config.get(k) for k in ("k", "levels", "sigma", "model", "weighting")},
-                         METRIC: None, "step": None, "trial": None, "error": str(r.error)[:200] if r.error else "no result"})
-    rows.sort(key=lambda r: (r[METRIC] is None, r[METRIC] if r[METRIC] is not None else 0))
-    write_results(cfg, rows)
+    rows = result_rows(results, cfg.out)
+    write_results(cfg, rows, results)
     return rows
 
 
 def _space(space: SearchSpace) -> dict[str, Any]:
     import ray.tune
 
-    return {k: ray.tune.grid_search(list(getattr(space, k))) for k in ("k", "levels", "sigma", "model", "weighting")}
+    return {k: ray.tune.grid_search(list(getattr(space, k))) for k in PARAMS}
 
 
-def write_results(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> None:
-    cols = ("k", "levels", "sigma", "model", "weighting", METRIC, "step", "trial", "error")
-    csv = io.StringIO()
-    csv.write(",".join(cols) + "\n")
-    for r in rows:
-        csv.write(",".join("" if r[c] is None else f'"{r[c]}"' if isinstance(r[c], str) else str(r[c]) for c in cols) + "\n")
-    md = ["| rank | K | levels | sigma | model | weighting | FID | steps |", "|---|---|---|---|---|---|---|---|"]
+def _root_cause(err: Any) -> Any:
+    """The exception a trial raised, out of Ray's wrappers (RayTaskError.cause, __cause__)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
+
+
+def one_line_error(err: Any, limit: int = 300) -> str:
+    """`Type: message` of a trial's error on one line (a text traceback: its last line)."""
+    cause = _root_cause(err)
+    if isinstance(cause, str):  # Tune's error.txt when the exception could not be unpickled
+        lines = [line.strip() for line in cause.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else "unknown error"
+    else:
+        name = type(cause).__name__
+        message = str(cause)
+        if name.startswith("RayTaskError") or name == "TuneError":  # their str() is a whole traceback
+            lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+            message = lines[-1] if lines else ""
+        text = f"{name}: {message}" if message else name
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def full_traceback(err: Any) -> str:
+    """A trial's error as text: for a Ray task error, the trial's own (remote) traceback."""
+    if isinstance(err, str):
+        text = err
+    else:
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        if str(err) not in text:
+            text = f"{text}\n{err}"
+    return _ANSI.sub("", text)
+
+
+def result_rows(results, out: str) -> list[dict[str, Any]]:
+    """One row per trial of a Tune ResultGrid, best FID first, failed trials last. A failed
+    trial's traceback is written to `errors/<trial id>.txt` under `out` and named in its row."""
+    rows = []
+    for r in results:
+        config, metrics = r.config or {}, r.metrics or {}
+        trial = metrics.get("trial_id")
+        row = {**{k: config.get(k) for k in PARAMS}, METRIC: metrics.get(METRIC), "step": metrics.get("step"),
+               "trial": trial, "error": None, "traceback": None}
+        if r.error is not None:
+            rel = f"errors/{trial or len(rows)}.txt"
+            storage.write_bytes(storage.join(out, *rel.split("/")), full_traceback(r.error).encode())
+            row.update(error=one_line_error(r.error), traceback=rel)
+        rows.append(row)
+    rows.sort(key=lambda r: (r[METRIC] is None, r[METRIC] if r[METRIC] is not None else 0))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    """A value as one Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def write_results(cfg: PipelineConfig, rows: list[dict[str, Any]], results=None) -> None:
+    """results.csv, results.md (best first) and best.yaml: the best trial's setting as a pipeline
+    config, trained for the steps at which it scored (`synreal run --config best.yaml`)."""
+    cols = (*PARAMS, METRIC, "step", "trial", "error", "traceback")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: "" if r[c] is None else r[c] for c in cols} for r in rows)
+    md = ["| rank | K | levels | sigma | model | weighting | FID | steps | trial |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        fid = f"{r[METRIC]:.2f}" if r[METRIC] is not None else f"failed: {r['error']}"
-        md.append(f"| {i} | {r['k']} | {r['levels']} | {_sigma_key(r['sigma'])} | {r['model']} | {r['weighting']} "
-                  f"| {fid} | {r['step']} |")
-    storage.write_bytes(storage.join(cfg.out, "results.csv"), csv.getvalue().encode())
+        fid = f"{r[METRIC]:.2f}" if r[METRIC] is not None else "–"
+        if r["error"]:
+            fid += f" (failed: {r['error']}; traceback: {r['traceback']})"
+        md.append("| " + " | ".join(_cell(v) for v in (i, r["k"], r["levels"], _sigma_key(r["sigma"]), r["model"],
+                                                       r["weighting"], fid, r["step"] or "–", r["trial"] or "–")) + " |")
+    storage.write_bytes(storage.join(cfg.out, "results.csv"), buf.getvalue().encode())
     storage.write_bytes(storage.join(cfg.out, "results.md"), ("\n".join(md) + "\n").encode())
-    print("\n".join(md), flush=True)
-    best = next((r for r in rows if r[METRIC] is not None), None)
-    if best is None:
-        raise RuntimeError(f"every trial failed; see {storage.join(cfg.out, 'results.md')}")
+    log.info("results (%s):\n%s", storage.join(cfg.out, "results.md"), "\n".join(md))
+    scored = [r for r in rows if r[METRIC] is not None]
+    if not scored:
+        raise SweepFailedError(f"every trial failed; see {storage.join(cfg.out, 'results.md')} and the tracebacks "
+                           f"in {storage.join(cfg.out, 'errors')}")
+    best = scored[0]
+    if results is not None and len(scored) > 1:
+        r = results.get_best_result(metric=METRIC, mode="min", scope="last")
+        best = next((row for row in scored if row["trial"] == (r.metrics or {}).get("trial_id")), best)
     best_cfg = trial_config(cfg, best, storage.join(cfg.out, "best-run"))
+    best_cfg = dataclasses.replace(best_cfg, train={**best_cfg.train, "steps": best["step"]})
     storage.write_bytes(storage.join(cfg.out, "best.yaml"),
                         yaml.safe_dump(_plain(to_dict(best_cfg)), sort_keys=False).encode())
-    print(f"\nbest config: {storage.join(cfg.out, 'best.yaml')} (synreal run --config it)", flush=True)
+    log.info("best: FID %.2f (K %s, levels %s, sigma %s, %s, weighting %s, %s steps); its config: %s "
+             "(synreal run --config it)", best[METRIC], best["k"], best["levels"], _sigma_key(best["sigma"]),
+             best["model"], best["weighting"], best["step"], storage.join(cfg.out, "best.yaml"))

@@ -50,11 +50,12 @@ def _smooth(values: np.ndarray, factor: float) -> np.ndarray:
     return out
 
 
-def loss_curves(runs: dict[str, list[dict]], keys: tuple[str, str] = ("gen_total", "dis_total"),
-                smoothing: float = 0.5) -> bytes:
+def loss_curves(runs: dict[str, list[dict]], keys: tuple[str, ...] = ("gen_total", "dis_total"),
+                smoothing: float = 0.5, titles: dict[str, str] | None = None) -> bytes:
     """Generator and discriminator loss curves (PNG bytes), one panel per key, one line per run:
     `runs` maps a label (e.g. "random pairs", "SP-Feat") to records with "step" and the keys
-    (metrics.jsonl lines). Raw values faint, smoothed values solid, as the paper's Figure 7."""
+    (metrics.jsonl lines). Raw values faint, smoothed values solid, as the paper's Figure 7.
+    `titles`: a panel title per key (default: "generator loss (gen_total)" and the like)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,8 @@ def loss_curves(runs: dict[str, list[dict]], keys: tuple[str, str] = ("gen_total
             color = f"C{i}"
             ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
             ax.plot(steps, _smooth(values, smoothing), color=color, lw=1.5, label=label)
-        ax.set_title({"gen_total": "generator", "dis_total": "discriminator"}.get(key, key) + f" loss ({key})")
+        default = {"gen_total": "generator", "dis_total": "discriminator"}.get(key, key) + f" loss ({key})"
+        ax.set_title((titles or {}).get(key, default))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(runs) > 1:
@@ -93,3 +95,33 @@ def image_grid(columns: list[np.ndarray], gap: int = 2) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def confusion_matrix(cm: np.ndarray, names: list[str] | tuple[str, ...], title: str = "") -> bytes:
+    """PNG bytes of a confusion matrix (rows: ground truth, columns: prediction), each row
+    normalised by its ground-truth pixels; a row without any is left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.full_like(cm, np.nan), where=rows > 0)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(0.42 * n + 2.5, 0.42 * n + 1.5))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(share[i, j]) and share[i, j] >= 0.005:
+                ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04, label="share of the row's ground-truth pixels")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _figure_bytes(fig)

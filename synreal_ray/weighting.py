@@ -20,6 +20,7 @@ Output under `out`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synreal_ray import storage
+from synreal_ray.config import URI, ConfigError
 from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, sample_features
 from synreal_ray.kliep import (
     KliepResult, clip_weights, effective_sample_size, fit_kliep, gaussian_kernel, kernel_column_mean, solve_kliep)
@@ -42,9 +44,9 @@ DIRECTIONS = {"w": ("syn", "real"), "psi": ("real", "syn")}
 
 @dataclass(frozen=True)
 class KliepConfig:
-    syn: str
-    real: str
-    out: str
+    syn: URI
+    real: URI
+    out: URI
     sigma: float | None = None  # None: chosen by likelihood cross-validation
     centers: int = 100
     folds: int = 5
@@ -54,18 +56,20 @@ class KliepConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.sigma is not None and not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0 or auto, got {self.sigma}")
+        if self.sigma is not None and not 0 < self.sigma < math.inf:
+            raise ConfigError(f"must be a finite number > 0 or null (cross-validated), got {self.sigma}", "sigma")
         if self.centers < 1:
-            raise ValueError(f"centers must be >= 1, got {self.centers}")
+            raise ConfigError(f"must be >= 1, got {self.centers}", "centers")
         if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
+            raise ConfigError(f"must be >= 2, got {self.folds}", "folds")
         if self.clip is not None and not self.clip > 1:
-            raise ValueError(f"clip must be > 1 (a weight of mean-1 weights), got {self.clip}")
+            raise ConfigError(f"must be > 1 (a weight of mean-1 weights) or null, got {self.clip}", "clip")
         if self.cv_samples < 10:
-            raise ValueError("cv_samples must be >= 10")
+            raise ConfigError(f"must be >= 10, got {self.cv_samples}", "cv_samples")
+        if self.seed < 0:
+            raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"must be auto, cpu or cuda, got {self.device!r}", "device")
 
 
 def _kernel_rows(batch: pa.Table, centers: np.ndarray, sigma: float, out: str) -> dict:
@@ -92,7 +96,7 @@ class KernelRows:
 
     def __init__(self, uri: str, num_centers: int):
         self.uri, self.b = uri, num_centers
-        self.parts = storage.list_files(uri, ".parquet")
+        self.parts = storage.data_files(uri)
         fs, _ = storage.resolve(uri)
         self.fs = fs
         size = sum(fs.get_file_info(storage.resolve(p)[1]).size for p in self.parts)
@@ -183,8 +187,7 @@ def run_kliep(cfg: KliepConfig, force: bool = False) -> dict:
 def load_weights(uri: str) -> dict[str, dict[str, float]]:
     """Published weights as {domain: {id: weight}}."""
     storage.require_complete(uri, "kliep output")
-    fs, path = storage.resolve(storage.join(uri, "weights"))
-    table = pq.read_table(path, filesystem=fs)
+    table = storage.read_table(storage.join(uri, "weights"))
     out: dict[str, dict[str, float]] = {"syn": {}, "real": {}}
     for i, d, w in zip(*(table.column(c).to_pylist() for c in ("id", "domain", "weight"))):
         out[d][i] = w

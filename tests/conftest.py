@@ -39,6 +39,7 @@ os.environ.update({
     "RAY_TMPDIR": str(RUN_DIR),
     "TMPDIR": str(RUN_DIR),
     "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60",  # a silent Data stall becomes an error
+    "RAY_raylet_start_wait_time_s": "120",  # a loaded 2-core machine can take more than the default 60 s
     "AWS_ACCESS_KEY_ID": S3_KEY,
     "AWS_SECRET_ACCESS_KEY": S3_SECRET,
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
@@ -67,50 +68,91 @@ def _weed_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 server (SeaweedFS) on 127.0.0.1, started for the session and stopped after it."""
-    import boto3
+class WeedServer:
+    """A real S3 server (SeaweedFS) on 127.0.0.1; `restart()` kills it and starts it again on the
+    same ports and data (the fault suite uses it to cut S3 in the middle of a stage's writes)."""
 
-    d = RUN_DIR / "weed"
-    (d / "data").mkdir(parents=True)
-    (d / "logs").mkdir()
-    (d / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    ports = {k: _free_port() for k in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")}
-    cmd = [
-        _weed_binary(), f"-logdir={d}/logs", "server", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}", f"-filer.localSocket={d}/filer.sock",
-        "-s3", f"-s3.port={S3_PORT}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={d}/s3.json",
-        f"-s3.localSocket={d}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
-    ]
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
-    deadline = time.time() + 90
-    while True:
+    def __init__(self, root: Path):
+        import boto3
+
+        d = self.root = root
+        (d / "data").mkdir(parents=True)
+        (d / "logs").mkdir()
+        (d / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        ports = {k: _free_port() for k in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")}
+        self.cmd = [
+            _weed_binary(), f"-logdir={d}/logs", "server", f"-dir={d}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}", f"-filer.localSocket={d}/filer.sock",
+            "-s3", f"-s3.port={S3_PORT}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={d}/s3.json",
+            f"-s3.localSocket={d}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
+        ]
+        self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
+                                   aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.time() + 90
+        while True:
+            try:
+                self.client.list_buckets()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.proc.kill()
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'server.log'}:\n"
+                                       + (self.root / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+
+    def stop(self, kill: bool = False) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            client.list_buckets()
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start; see {d / 'server.log'}:\n"
-                                   + (d / "server.log").read_text()[-2000:])
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self, down_seconds: float = 1.0) -> None:
+        """SIGKILL, then start again; returns once an object written before the kill reads back
+        (the S3 gateway answers listings a few seconds before the volume server serves data)."""
+        canary = f"canary-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=canary)
+        self.client.put_object(Bucket=canary, Key="k", Body=b"alive")
+        time.sleep(0.5)
+        self.stop(kill=True)
+        time.sleep(down_seconds)
+        self.start()
+        deadline = time.time() + 60
+        while True:
+            try:
+                if self.client.get_object(Bucket=canary, Key="k")["Body"].read() == b"alive":
+                    return
+            except Exception:
+                if time.time() > deadline:
+                    raise
             time.sleep(0.5)
-    yield client
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def weed():
+    """The session's SeaweedFS server (see WeedServer)."""
+    server = WeedServer(RUN_DIR / "weed")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(weed):
+    """A boto3 client of the session's real S3 server on 127.0.0.1."""
+    return weed.client
 
 
 @pytest.fixture

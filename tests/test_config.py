@@ -124,3 +124,154 @@ def test_train_config_validates_values_and_model_options():
         with pytest.raises(ConfigError) as e:
             from_dict(TrainConfig, data, "train")
         assert str(e.value).startswith(message), (data, str(e.value))
+
+
+# --- validation at the door: every section range-checked when the file loads -------------------
+
+ONE_RUN = [{"name": "u", "model": "unit", "pairing": "spfeat", "weighting": "loss"}]
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _dump(tmp_path, doc: dict) -> str:
+    import yaml
+
+    return _write(tmp_path, yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"features": {"levels": "1,x"}}, "features.levels: bad SP-Feat level 'x'"),
+    ({"features": {"levels": "1,0"}}, "features.levels: bad SP-Feat level '0': rows and columns must be >= 1"),
+    ({"kliep": {"centers": 0}}, "kliep.centers: must be >= 1, got 0"),
+    ({"kliep": {"sigma": 0}}, "kliep.sigma: must be a finite number > 0 or null"),
+    ({"kliep": {"sigma": -0.5}}, "kliep.sigma: must be a finite number > 0 or null"),
+    ({"kliep": {"folds": 1}}, "kliep.folds: must be >= 2, got 1"),
+    ({"kliep": {"clip": 0.5}}, "kliep.clip: must be > 1"),
+    ({"kliep": {"cv_samples": 3}}, "kliep.cv_samples: must be >= 10, got 3"),
+    ({"pairs": {"k": 0}}, "pairs.k: must be >= 1, got 0"),
+    ({"pairs": {"k": -3}}, "pairs.k: must be >= 1, got -3"),
+    ({"pairs": {"max_distance": 0}}, "pairs.max_distance: must be > 0"),
+    ({"train": {"image_size": "32x64"}}, "train (run u).image_size: 32x64 is too small for unit"),
+    ({"models": {"unit": {"n_shared": 5}}}, "models.unit.n_shared: must be between 0 and n_res=4, got 5"),
+    ({"models": {"unit": {"base_channels": 0}}}, "models.unit.base_channels: must be >= 1, got 0"),
+    ({"models": {"cyclegan": {"dis_layers": 0}}}, "models.cyclegan.dis_layers: must be >= 1, got 0"),  # no run uses it
+    ({"models": {"cyclegan": {"n_shared": 1}}}, "models.cyclegan.n_shared: unknown cyclegan option"),
+    ({"translate": {"batch_size": 0}}, "translate.batch_size: must be >= 1, got 0"),
+    ({"fid": {"size": "big"}}, "fid.size: 'big' is not HxW"),
+    ({"fid": {"size": "0x10"}}, "fid.size: '0x10': both sides must be >= 1"),
+    ({"fid": {"max_images": 1}}, "fid.max_images: must be >= 2"),
+    ({"grid_images": 0}, "grid_images: must be >= 1, got 0"),
+])
+def test_pipeline_sections_are_range_checked_when_the_file_loads(tmp_path, doc, message):
+    from synreal_ray.pipeline import load_pipeline_config
+
+    path = _dump(tmp_path, {"runs": ONE_RUN, **doc})
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(path)
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"space": {"k": [5, 0]}}, "tune.space.k[1]: must be >= 1, got 0"),
+    ({"space": {"sigma": [None, -1.0]}}, "tune.space.sigma[1]: must be a finite number > 0 or null"),
+    ({"space": {"levels": ["1,2", "2y8"]}}, "tune.space.levels[1]: bad SP-Feat level '2y8'"),
+    ({"space": {"model": ["cyclegan", "unit"]}}, "tune.space.model[1]: train (run unit-loss).image_size: 32x64 is too small"),
+    ({"val_images": 1}, "tune.val_images: must be >= 2, got 1"),
+    ({"trial_cpus": 0}, "tune.trial_cpus: must be > 0, got 0.0"),
+])
+def test_sweep_values_are_checked_by_their_stage_when_the_file_loads(tmp_path, tune, message):
+    from synreal_ray.tune import load_sweep_config
+
+    runs = [{"name": "c", "model": "cyclegan"}]  # 32x64 suits CycleGAN, not UNIT's default discriminators
+    path = _dump(tmp_path, {"train": {"image_size": "32x64"}, "runs": runs, "tune": tune})
+    with pytest.raises(ConfigError) as e:
+        load_sweep_config(path)
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    from synreal_ray.cli import main
+    from synreal_ray.pipeline import load_pipeline_config
+    from synreal_ray.tune import load_sweep_config
+
+    path = _write(tmp_path, "out: o\nkliep:\n  centers: [1, 2\n  folds: 3\n")
+    expected = f"{path}: line 4, column 8: not valid YAML: while parsing a flow sequence: expected ',' or ']', but got ':'"
+    for load in (load_pipeline_config, load_sweep_config, lambda p: load_config(p, Outer, "kliep")):
+        with pytest.raises(ConfigError) as e:
+            load(path)
+        assert str(e.value) == expected
+    assert main(["run", "--config", path]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    path = _write(tmp_path, "kliep:\n  centers: 0\n")  # a bad value through the CLI: one line too
+    assert main(["run", "--config", path]) == 2
+    assert capsys.readouterr().err == f"error: {path}: kliep.centers: must be >= 1, got 0\n"
+
+
+def test_image_size_is_checked_against_the_model_when_the_config_loads():
+    from synreal_ray.train import TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainConfig, {"model": "unit", "image_size": "32x64"}, "train")
+    assert str(e.value) == (
+        "train.image_size: 32x64 is too small for unit: each side must be at least 64 and a multiple of 4 "
+        "(dis_scales=3: the coarsest discriminator scale, side / 4, must be >= 16 pixels for dis_layers=4)")
+    assert from_dict(TrainConfig, {"model": "unit", "image_size": "64x128"}, "train").size == (64, 128)
+    # computed from the model's options, not fixed: fewer discriminator layers, smaller images
+    small = {"dis_layers": 2, "dis_scales": 2}
+    assert from_dict(TrainConfig, {"model": "unit", "image_size": "32x64", "model_config": small}).size == (32, 64)
+    with pytest.raises(ConfigError, match=r"^image_size: 16x64 is too small for cyclegan: each side must be at "
+                                          r"least 24 and a multiple of 4 \(the discriminator's dis_layers=3"):
+        from_dict(TrainConfig, {"model": "cyclegan", "image_size": "16x64"})
+    with pytest.raises(ConfigError, match=r"^image_size: 36x72: both sides must be multiples of 8"):
+        from_dict(TrainConfig, {"model": "cyclegan", "image_size": "36x72", "model_config": {"n_downsample": 3}})
+
+
+@pytest.mark.parametrize("name, options", [
+    ("unit", {}),
+    ("unit", {"dis_layers": 3, "dis_scales": 2}),
+    ("unit", {"dis_layers": 1, "dis_scales": 1, "n_downsample": 3}),  # the generator binds
+    ("cyclegan", {}),
+    ("cyclegan", {"dis_layers": 4, "n_downsample": 1}),
+])
+def test_image_size_rule_is_what_a_real_training_forward_pass_accepts(name, options):
+    """At the rule's minimum a training forward pass (generators and discriminators) works; one
+    multiple smaller, in either direction, PyTorch fails. Tiny channels: a fraction of a second."""
+    import torch
+
+    from synreal_ray.models import build_model, image_size_rule
+
+    step, minimum, _ = image_size_rule(name, **options)
+    model = build_model(name, base_channels=2, dis_channels=2, n_res=1, **options).train()
+
+    def forward(h, w):
+        x, ones = torch.zeros(1, 3, h, w), torch.ones(1)
+        with torch.no_grad():
+            _, fakes = model.gen_losses(x, x, ones, ones)
+            for domain, (fake, _) in fakes.items():
+                model.discriminators[domain](fake)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: intra-op threads only add contention on a shared machine
+    try:
+        forward(minimum, minimum)
+        for h, w in ((minimum - step, minimum), (minimum, minimum - step)):
+            with pytest.raises((RuntimeError, ValueError)):
+                forward(h, w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_train_with_a_too_small_image_size_fails_at_config_time_in_one_line():
+    from conftest import run_cli
+
+    p = run_cli("train", "--image-size", "32x64", check=False, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == ("error: image_size: 32x64 is too small for unit: each side must be at least 64 and a "
+                        "multiple of 4 (dis_scales=3: the coarsest discriminator scale, side / 4, must be >= 16 "
+                        "pixels for dis_layers=4)\n")
+    assert "Traceback" not in p.stdout + p.stderr

@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import numpy as np
@@ -102,3 +103,138 @@ def test_storage_join_and_relpath():
     assert storage.relpath("s3://b/p/x/y.png", "s3://b/p") == "x/y.png"
     with pytest.raises(ValueError, match="unsupported scheme"):
         storage.resolve("gs://bucket/x")
+
+
+# --- paths taken from data stay plain; outputs stay under their root ---
+
+@pytest.mark.parametrize("rel", ["../x", "/x", "a/../b", "", "a//b", "./a", "a/.", "..\\x"])
+def test_safe_join_refuses_paths_that_are_not_plain(rel):
+    with pytest.raises(ValueError, match="not a plain relative path"):
+        storage.safe_join("/out", rel)
+
+
+def test_safe_join_keeps_plain_paths_under_the_root():
+    assert storage.safe_join("s3://b/out", "img/rgb/3.png") == "s3://b/out/img/rgb/3.png"
+    assert storage.safe_join("/out", "a/b.png") == "/out/a/b.png"
+
+
+def test_listed_files_whose_path_is_not_plain_are_refused():
+    # An S3 key may hold `..`, `.` or empty parts (AWS accepts them; the SeaweedFS of the tests
+    # refuses to store them), so the check runs on the listed paths, verbatim.
+    from synreal_ray.datasets.layouts import _plain_files, is_plain_relative
+
+    root = "s3://b/ds"
+    bad = ["s3://b/ds/images/../../etc/evil.png", "s3://b/ds/images//x.png", "s3://b/ds/images/./y.png",
+           "s3://b/ds/images/a/../z.png"]
+    ok, problems = _plain_files(["s3://b/ds/images/ok.png", *bad], root)
+    assert ok == ["s3://b/ds/images/ok.png"]
+    assert [p.uri for p in problems] == bad
+    assert all("not a plain relative path" in p.reason for p in problems)
+    assert "'images/../../etc/evil.png'" in problems[0].reason
+    assert not is_plain_relative("/abs/x.png") and not is_plain_relative("") and is_plain_relative("a/b.png")
+    with pytest.raises(ValueError, match="not inside it"):
+        _plain_files(["s3://b/other/x.png"], root)
+
+
+@pytest.mark.parametrize("split", ["../real", "train/aachen", "", ".", "..", "a\\b"])
+def test_bad_cityscapes_split_is_refused(demo_data, split):
+    from synreal_ray.datasets.layouts import image_root
+
+    with pytest.raises(ValueError, match=r"split .*: must be one folder name"):
+        list_dataset(str(demo_data / "real"), "cityscapes", split)
+    with pytest.raises(ValueError, match=r"split .*: must be one folder name"):
+        image_root(str(demo_data / "real"), "cityscapes", split)
+
+
+def test_bad_split_is_one_error_line_on_the_command_line(demo_data, tmp_path, capsys):
+    from synreal_ray.cli import main
+
+    out = tmp_path / "o"
+    assert main(["features", "--dataset", str(demo_data / "real"), "--layout", "cityscapes", "--split", "../real",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'../real'" in err and "must be one folder name" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _tiny_png(path, mode="L", size=(4, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size).save(path)
+
+
+def test_folder_layout_matches_by_relative_path_in_subfolders(tmp_path):
+    root = tmp_path / "folder"
+    for rel in ("a/1.jpg", "b/1.png", "2.png", "c/3.png"):
+        _tiny_png(root / "images" / rel, "RGB")
+    for rel in ("a/1.png", "b/1.png", "2.png", "3.png"):  # 3.png is not in c/: no match
+        _tiny_png(root / "labels" / rel)
+    samples, problems = list_dataset(str(root), "folder")
+    assert [(s.id, s.label_uri[len(str(root)) + 1:]) for s in samples] == [
+        ("images/2", "labels/2.png"), ("images/a/1", "labels/a/1.png"), ("images/b/1", "labels/b/1.png")]
+    assert samples[1].image_uri.endswith("images/a/1.jpg")
+    assert [(p.uri, p.reason) for p in problems] == [(str(root / "images/c/3.png"), "image has no label map")]
+
+
+@pytest.mark.parametrize("folder", ["images", "labels"])
+def test_folder_layout_refuses_names_differing_only_in_extension(tmp_path, folder):
+    root = tmp_path / "folder"
+    for sub in ("images", "labels"):
+        _tiny_png(root / sub / "x" / "a.png", "RGB" if sub == "images" else "L")
+    Image.open(root / folder / "x" / "a.png").save(root / folder / "x" / "a.jpg")
+    with pytest.raises(ValueError) as e:
+        list_dataset(str(root), "folder")
+    msg = str(e.value)
+    assert str(root / folder / "x" / "a.jpg") in msg and str(root / folder / "x" / "a.png") in msg
+    assert "same path apart from the extension" in msg and "\n" not in msg
+
+
+def test_run_names_dot_and_dotdot_are_refused():
+    from synreal_ray.config import ConfigError
+    from synreal_ray.pipeline import RunSpec
+
+    for name in (".", "..", "", "a/b"):
+        with pytest.raises(ConfigError, match="run name"):
+            RunSpec(name)
+    assert RunSpec("unit.v2").name == "unit.v2"
+
+
+# --- the pixel limit: an oversized image is an error naming the file, never a crash ---
+
+def _png_bytes(size, mode="RGB") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_image_refuses_more_pixels_than_the_limit():
+    from synreal_ray.datasets.images import MAX_PIXELS, ImageError, decode_image
+
+    assert MAX_PIXELS > 2048 * 1024 * 16  # far above Cityscapes frames
+    before = Image.MAX_IMAGE_PIXELS
+    assert decode_image(_png_bytes((100, 100)), "ok.png", max_pixels=10_000).size == (100, 100)
+    # 12000 pixels: PIL would only warn (up to twice its limit); 25600: PIL raises. Both refused.
+    for size, n in (((120, 100), 12_000), ((160, 160), 25_600)):
+        for load in (True, False):
+            with pytest.raises(ImageError, match=rf"^big\.png: image of {n} pixels is over the limit of 10000"):
+                decode_image(_png_bytes(size), "big.png", max_pixels=10_000, load=load)
+    with pytest.raises(ImageError, match=r"^bad\.png: unreadable or truncated label map"):
+        decode_image(b"not a png", "bad.png", "label map")
+    assert Image.MAX_IMAGE_PIXELS == before  # PIL's global limit is put back
+
+
+def test_translate_and_train_decode_through_the_pixel_limit(tmp_path, monkeypatch):
+    from synreal_ray.datasets import images
+    from synreal_ray.train import load_image
+    from synreal_ray.translate import decode_rgb
+
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_bytes((64, 32)))
+    assert decode_rgb(path.read_bytes(), str(path)).shape == (32, 64, 3)
+    assert load_image(str(path), (16, 16)).shape == (16, 16, 3)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)  # the module default, read at each call
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: image of 2048 pixels is over the limit of 1000"):
+        decode_rgb(path.read_bytes(), str(path))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: image of 2048 pixels is over the limit of 1000"):
+        load_image(str(path), (16, 16))

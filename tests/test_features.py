@@ -151,6 +151,39 @@ def test_on_error_skip_records_the_file(how, demo_data, tmp_path):
     assert "img/rgb/2" not in set(load_features(str(out))["id"])
 
 
+def test_oversized_files_are_recorded_errors_with_on_error_skip(demo_data, tmp_path, capsys):
+    # A low limit instead of huge files: demo samples are 128x64 = 8192 pixels, under 10000.
+    root = tmp_path / "syn"
+    shutil.copytree(demo_data / "syn", root)
+    big_label, big_image = root / "img/class/2.png", root / "img/rgb/3.png"
+    Image.fromarray(np.full((100, 120), 7, np.uint8)).save(big_label)  # 12000: PIL alone would only warn
+    Image.new("RGB", (160, 160)).save(big_image)  # 25600: over twice the limit, PIL raises
+    out = tmp_path / "out"
+    assert main(["features", "--dataset", str(root), "--layout", "synscapes", "--out", str(out),
+                 "--on-error", "skip", "--max-pixels", "10000"]) == 0
+    assert "22 samples (2 skipped for errors)" in capsys.readouterr().out
+    errors = {e["uri"]: e["reason"] for e in pq.read_table(out / "errors").to_pylist()}
+    assert errors == {  # recorded under the sample's label file (as every sample error); the reason names the file
+        str(big_label): f"{big_label}: label map of 12000 pixels is over the limit of 10000 "
+                        f"(max_pixels, --max-pixels; a decompression bomb?)",
+        str(root / "img/class/3.png"): f"{big_image}: image of 25600 pixels is over the limit of 10000 "
+                                       f"(max_pixels, --max-pixels; a decompression bomb?)"}
+    assert not {"img/rgb/2", "img/rgb/3"} & set(load_features(str(out))["id"])
+
+
+def test_max_pixels_setting(demo_data):
+    from synreal_ray.datasets.images import MAX_PIXELS
+    from synreal_ray.features import SampleError, features_of_sample
+
+    assert FeaturesConfig(dataset="d", layout="gta5", out="o").max_pixels == MAX_PIXELS
+    with pytest.raises(ValueError, match="max_pixels"):
+        FeaturesConfig(dataset="d", layout="gta5", out="o", max_pixels=0)
+    image, label = str(demo_data / "syn/img/rgb/0.png"), str(demo_data / "syn/img/class/0.png")
+    assert features_of_sample(image, label, (1,), max_pixels=8192)[:2] == (64, 128)
+    with pytest.raises(SampleError, match=f"^{re.escape(label)}: label map of 8192 pixels is over the limit of 8191 "):
+        features_of_sample(image, label, (1,), max_pixels=8191)
+
+
 def test_empty_and_wrong_layout_datasets(tmp_path, demo_data, capsys):
     assert main(["features", "--dataset", str(tmp_path / "nothing"), "--layout", "gta5", "--out", str(tmp_path / "o")]) == 2
     assert "no images found for layout 'gta5'" in capsys.readouterr().err
@@ -160,9 +193,12 @@ def test_empty_and_wrong_layout_datasets(tmp_path, demo_data, capsys):
 
 
 def test_partial_output_of_a_killed_run_is_replaced(demo_data, tmp_path):
+    from synreal_ray.stage import Stage
+
     out = tmp_path / "out"
+    assert Stage("features", str(out), {"other": "settings"}).begin()  # the marker, written first
     (out / "features").mkdir(parents=True)
-    # what a killed run leaves: some parts, a stale file, and no _SUCCESS
+    # what a killed run leaves: its marker and lease, some parts, a stale file, and no _SUCCESS
     junk = out / "features" / "part-0000000000000000.parquet"
     shutil.copy(next(iter(Path(demo_data / "syn/img/class").glob("*.png"))), junk)
     with pytest.raises(FileNotFoundError, match="incomplete"):

@@ -62,6 +62,43 @@ def test_frechet_distance_and_statistics():
     with pytest.raises(ValueError, match="at least 2 images"):
         fid.statistics(acts[:1])
     assert fid.small_sample_message(10, 64, "x") and fid.small_sample_message(64, 64, "x") is None
+
+
+def explicit_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with the cubic kernel (x·y/d + 1)³, written out as double loops over two sets
+    of any sizes (Bińkowski et al. 2018, eq. 2): the same-set sums leave out i = j."""
+    d = x.shape[1]
+    k = lambda u, v: (sum(float(a) * float(b) for a, b in zip(u, v)) / d + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_an_explicit_double_loop():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) * 1.5 + 0.3
+    # subsets as large as the sets: every subset is the whole set in some order, so every MMD² is the full one
+    mean, std = fid.kid(x, y, subsets=4, subset_size=12)
+    assert mean == pytest.approx(explicit_mmd2(x, y), rel=1e-10) and std == pytest.approx(0, abs=1e-12)
+    # subset_size beyond the smaller set is capped; the mean over random subsets of the larger set
+    # estimates the full-sample statistic (the subset U-statistics average to it)
+    big = rng.normal(size=(40, 5))
+    mean, std = fid.kid(big, y, subsets=3000, subset_size=1000, seed=1)
+    assert abs(mean - explicit_mmd2(big, y)) < 4 * std / np.sqrt(3000)
+    assert fid.kid(big, y, subsets=50, seed=1) == fid.kid(big, y, subsets=50, seed=1)  # seeded
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid.kid(x[:1], y)
+
+
+def test_kid_of_disjoint_halves_of_one_distribution_is_about_zero():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16))
+    same, same_std = fid.kid(x[:1000], x[1000:], subsets=50, subset_size=200)
+    shifted, shifted_std = fid.kid(x[:1000], rng.normal(size=(1000, 16)) + 0.3, subsets=50, subset_size=200)
+    assert abs(same) < same_std  # unbiased: centred on 0, negative values included
+    assert shifted > 3 * shifted_std and shifted > 20 * abs(same)
     assert fid.parse_size("256x512") == (256, 512)
     buf = io.BytesIO()
     Image.new("RGBA", (40, 20), (10, 20, 30, 0)).save(buf, format="PNG")
@@ -164,8 +201,11 @@ def test_self_fid_zero_and_cache_reused(fid_data, fid_ab):
                         "--inception-weights", fid_data["weights"], "--dims", "64", "--cache", fid_data["cache"]],
                        capture_output=True, text=True, cwd=RUN_DIR, timeout=240)
     assert p.returncode == 0, p.stderr
-    last = p.stdout.strip().splitlines()[-1]
+    *_, kid_line, last = p.stdout.strip().splitlines()
     assert last.startswith("FID: ") and float(last[5:]) == pytest.approx(fid_ab["fid"], abs=1e-5)
+    mean, std = (float(v) for v in kid_line.removeprefix("KID: ").split(" ± "))
+    assert mean == pytest.approx(fid_ab["kid"], abs=1e-6) and std == pytest.approx(fid_ab["kid_std"], abs=1e-6)
+    assert rec["kid"] < fid_ab["kid"]  # a set against itself scores below a set against a brighter one
     assert "all cached" in p.stdout
 
 

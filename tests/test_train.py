@@ -357,3 +357,19 @@ def test_cli_reports_bad_config_keys_and_values(tmp_path):
     assert main(["train", "--config", str(config).replace(".yaml", "-missing.yaml")]) == 2
     config.write_text("train:\n  steps: 8\n")
     assert main(["train", "--config", str(config), "--batch-size", "3", "--workers", "2"]) == 2
+
+
+def test_a_finished_run_is_never_overwritten_by_other_settings_or_a_plain_rerun(unit_story):
+    """The issue's case: a finished run re-run with a new lr and seed used to publish the new
+    settings over the old state.pt and train nothing; a re-run without --resume deleted every
+    checkpoint. Both are refused now, before any training, and the checkpoints stay."""
+    from synreal_ray.stage import OutputError
+
+    cfg = unit_story.cfg
+    before = {u: storage.read_bytes(u) for u in storage.list_files(run_folder(cfg.out)) if u.endswith("state.pt")}
+    with pytest.raises(OutputError, match=r"other settings \(lr: None -> 0.001, seed: 0 -> 7\)"):
+        run_train(apply_overrides(cfg, {"lr": 1e-3, "seed": 7, "resume": True}))
+    with pytest.raises(OutputError, match="pass --resume"):
+        run_train(apply_overrides(cfg, {"steps": 8, "resume": False}))
+    after = {u: storage.read_bytes(u) for u in storage.list_files(run_folder(cfg.out)) if u.endswith("state.pt")}
+    assert after == before and len(before) == 3 and storage.is_complete(cfg.out)

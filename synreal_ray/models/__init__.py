@@ -9,7 +9,8 @@
     torch.save(model.generator_s2r().state_dict(), path)
 
 Images are float tensors in [-1, 1] of shape (B, 3, H, W) with H, W divisible by
-2**n_downsample (and large enough for the discriminators); weights are (B,) floats.
+2**n_downsample and large enough for the discriminators (`image_size_rule` computes both from
+the options; the config layer checks them before training); weights are (B,) floats.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import TranslationModel, unwrap
+from .base import OptionError, TranslationModel, unwrap
 from .cyclegan import CycleGAN
 from .unit import UNIT
 
@@ -41,6 +42,19 @@ def build_model(name: str, **cfg: Any) -> TranslationModel:
     return cls(**cfg)
 
 
+def check_options(name: str, **cfg: Any) -> None:
+    """Raise OptionError (a ValueError naming the option) when a build_model option of model
+    `name` is out of range; what the constructor checks, without building anything."""
+    _model_class(name).check_options(**{**default_config(name), **cfg})
+
+
+def image_size_rule(name: str, **cfg: Any) -> tuple[int, int, str]:
+    """(multiple, minimum, why): every side of a training image for model `name` with these
+    build_model options must be a multiple of `multiple` and at least `minimum` pixels; `why`
+    says which options bind the minimum. Options must be in range (`check_options`)."""
+    return _model_class(name).image_size_rule(**{**default_config(name), **cfg})
+
+
 def _model_class(name: str) -> type[TranslationModel]:
     try:
         return MODELS[name.lower()]
@@ -48,4 +62,5 @@ def _model_class(name: str) -> type[TranslationModel]:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
 
 
-__all__ = ["MODELS", "CycleGAN", "TranslationModel", "UNIT", "build_model", "default_config", "unwrap"]
+__all__ = ["MODELS", "CycleGAN", "OptionError", "TranslationModel", "UNIT", "build_model", "check_options",
+           "default_config", "image_size_rule", "unwrap"]

@@ -57,6 +57,19 @@ def as_weights(w: Tensor | None, x: Tensor) -> Tensor:
     return w
 
 
+class OptionError(ValueError):
+    """A model option (a constructor / `build_model` keyword argument) out of range."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def constructor_args(frame_locals: dict) -> dict:
+    """A constructor's arguments from its `locals()` taken on entry (for `check_options`)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
 class TranslationModel(nn.Module):
     """Generators + discriminators of an unpaired synthetic <-> real translation GAN."""
 
@@ -64,9 +77,54 @@ class TranslationModel(nn.Module):
     default_weight_decay: float = 0.0
     # factor on each discriminator's (real + fake) loss: CycleGAN halves it, UNIT does not
     dis_scale: float = 1.0
+    # constructor option -> smallest value it takes (None, where allowed, means "the default")
+    option_minimums: dict[str, float] = {}
 
     generators: nn.ModuleDict
     discriminators: nn.ModuleDict
+
+    # -- option and image-size rules (checked by the constructor, and by the config layer before
+    #    any worker builds the model) --------------------------------------------------------
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise OptionError for an option out of its range. Subclasses add their cross-option rules."""
+        for key, low in cls.option_minimums.items():
+            value = options.get(key)
+            if value is not None and value < low:
+                raise OptionError(key, f"must be >= {low}, got {value}")
+
+    @classmethod
+    def image_size_rule(cls, **options) -> tuple[int, int, str]:
+        """(multiple, minimum, why) for every side of a training image, given all constructor
+        options: the generators halve a side n_downsample times and double it back, so it must be a
+        multiple of 2**n_downsample; it must be at least `minimum` pixels for every layer to keep a
+        valid input (`why`: which options bind). See `_dis_min_size` and `_gen_min_size`."""
+        multiple = 2 ** options["n_downsample"]
+        gen, dis = cls._gen_min_size(**options), cls._dis_min_size(**options)
+        raw = max(gen, dis)
+        minimum = -(-raw // multiple) * multiple  # the smallest multiple of `multiple` >= raw
+        why = cls._dis_why(**options) if dis >= gen else cls._gen_why(**options)
+        return multiple, minimum, why
+
+    @classmethod
+    def _gen_min_size(cls, n_downsample: int, **_) -> int:
+        # the 7x7 convs' reflection padding 3 needs >= 4 pixels; at the bottleneck (side / 2**n)
+        # the residual blocks' reflection padding and InstanceNorm need >= 2
+        return max(4, 2 ** (n_downsample + 1))
+
+    @classmethod
+    def _gen_why(cls, n_downsample: int, **_) -> str:
+        if 2 ** (n_downsample + 1) < 4:
+            return "the generators' 7x7 convolutions need >= 4 pixels"
+        return f"the generators' n_downsample={n_downsample}: side / {2**n_downsample} must be >= 2 pixels"
+
+    @classmethod
+    def _dis_min_size(cls, **options) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def _dis_why(cls, **options) -> str:
+        raise NotImplementedError
 
     def __init__(self) -> None:
         super().__init__()

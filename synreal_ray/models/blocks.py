@@ -111,8 +111,21 @@ class PatchDiscriminator(nn.Sequential):
             stride = 2 if i < n_down else 1
             layers.append(ConvBlock(ch, out, 4, stride, norm=norm, act="lrelu", pad_mode="zeros", padding=1))
             ch = out
-        layers.append(nn.Conv2d(ch, 1, out_kernel, 1, padding=1 if out_kernel == 4 else 0))
+        layers.append(nn.Conv2d(ch, 1, out_kernel, 1, padding=self._out_padding(out_kernel)))
         super().__init__(*layers)
+
+    @staticmethod
+    def _out_padding(out_kernel: int) -> int:
+        return 1 if out_kernel == 4 else 0
+
+    @classmethod
+    def min_size(cls, n_down: int = 3, n_flat: int = 1, out_kernel: int = 4) -> int:
+        """The smallest image side (pixels) this discriminator accepts. Each stride-2 4x4 conv
+        (padding 1) floors the side to side // 2, each stride-1 4x4 conv (padding 1) takes 1 off,
+        and the last conv takes out_kernel - 1 - 2 * padding off; every output must keep >= 1
+        pixel, so side // 2**n_down must be >= n_flat + that + 1 (n_down >= 1)."""
+        tail = out_kernel - 1 - 2 * cls._out_padding(out_kernel)
+        return 2**n_down * (n_flat + tail + 1)
 
 
 class MultiScaleDiscriminator(nn.Module):
@@ -124,6 +137,13 @@ class MultiScaleDiscriminator(nn.Module):
         self.scales = nn.ModuleList(PatchDiscriminator(**patch_kwargs) for _ in range(n_scales))
         # count_include_pad=False: the border pixels are not darkened by the zero padding.
         self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+
+    @staticmethod
+    def min_size(n_scales: int = 3, **patch_kwargs) -> int:
+        """The smallest image side accepted: the pooling (3x3, stride 2, padding 1) takes a side
+        s to ceil(s / 2), so the coarsest scale sees ceil(s / 2**(n_scales - 1)) pixels, which
+        must be >= PatchDiscriminator.min_size."""
+        return (PatchDiscriminator.min_size(**patch_kwargs) - 1) * 2 ** (n_scales - 1) + 1
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outs = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Fakes, TranslationModel
+from .base import Fakes, TranslationModel, constructor_args
 from .blocks import ConvBlock, ImagePool, PatchDiscriminator, UpBlock, init_weights, res_blocks
 from .losses import l1_per_sample, lsgan_loss, weighted_mean
 
@@ -44,6 +44,17 @@ class CycleGAN(TranslationModel):
     default_lr = 2e-4
     default_weight_decay = 0.0
     dis_scale = 0.5  # official code: loss_D = (loss_D_real + loss_D_fake) * 0.5
+    option_minimums = {"base_channels": 1, "n_downsample": 0, "n_res": 0, "dis_channels": 1, "dis_layers": 1,
+                       "cyc_w": 0, "idt_w": 0, "pool_size": 0}
+
+    @classmethod
+    def _dis_min_size(cls, dis_layers: int, **_) -> int:
+        return PatchDiscriminator.min_size(n_down=dis_layers, n_flat=1, out_kernel=4)
+
+    @classmethod
+    def _dis_why(cls, dis_layers: int, **_) -> str:
+        least = cls._dis_min_size(dis_layers) // 2**dis_layers
+        return f"the discriminator's dis_layers={dis_layers} stride-2 layers need side / {2**dis_layers} >= {least} pixels"
 
     def __init__(
         self,
@@ -58,7 +69,9 @@ class CycleGAN(TranslationModel):
         pool_seed: int | None = None,
     ):
         """dis_layers: stride-2 layers of the PatchGAN (3: 70x70 patches). idt_w: identity loss
-        weight as a fraction of cyc_w (0 turns the identity loss off)."""
+        weight as a fraction of cyc_w (0 turns the identity loss off). Image sides: see
+        `image_size_rule`."""
+        self.check_options(**constructor_args(locals()))
         super().__init__()
         self.cyc_w, self.idt_w = cyc_w, idt_w
         self.generators = nn.ModuleDict(

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .base import Fakes, TranslationModel
+from .base import Fakes, OptionError, TranslationModel, constructor_args
 from .blocks import ConvBlock, MultiScaleDiscriminator, UpBlock, init_weights, res_blocks
 from .losses import kl_per_sample, l1_per_sample, lsgan_loss, weighted_mean
 
@@ -62,6 +62,24 @@ class UNIT(TranslationModel):
 
     default_lr = 1e-4
     default_weight_decay = 1e-4
+    option_minimums = {"base_channels": 1, "n_downsample": 0, "n_res": 0, "n_shared": 0, "dis_channels": 1,
+                       "dis_layers": 1, "dis_scales": 1, "gan_w": 0, "recon_x_w": 0, "recon_kl_w": 0,
+                       "recon_x_cyc_w": 0, "recon_kl_cyc_w": 0}
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        super().check_options(**options)
+        if options["n_shared"] > options["n_res"]:
+            raise OptionError("n_shared", f"must be between 0 and n_res={options['n_res']}, got {options['n_shared']}")
+
+    @classmethod
+    def _dis_min_size(cls, dis_layers: int, dis_scales: int, **_) -> int:
+        return MultiScaleDiscriminator.min_size(dis_scales, n_down=dis_layers, n_flat=0, out_kernel=1)
+
+    @classmethod
+    def _dis_why(cls, dis_layers: int, dis_scales: int, **_) -> str:
+        return (f"dis_scales={dis_scales}: the coarsest discriminator scale, side / {2 ** (dis_scales - 1)}, "
+                f"must be >= {2 ** dis_layers} pixels for dis_layers={dis_layers}")
 
     def __init__(
         self,
@@ -80,10 +98,10 @@ class UNIT(TranslationModel):
     ):
         """n_res residual blocks per encoder and per decoder, n_shared of them shared between the
         domains (the encoders' last, the decoders' first). dis_layers: stride-2 convs per scale;
-        the coarsest scale must stay >= 2**dis_layers pixels (H / 2**(dis_scales-1))."""
+        the coarsest scale must stay >= 2**dis_layers pixels (H / 2**(dis_scales-1)); see
+        `image_size_rule`."""
+        self.check_options(**constructor_args(locals()))
         super().__init__()
-        if not 0 <= n_shared <= n_res:
-            raise ValueError(f"n_shared={n_shared} must be between 0 and n_res={n_res}")
         self.gan_w, self.recon_x_w, self.recon_kl_w = gan_w, recon_x_w, recon_kl_w
         self.recon_x_cyc_w, self.recon_kl_cyc_w = recon_x_cyc_w, recon_kl_cyc_w
         latent = base_channels * 2**n_downsample
