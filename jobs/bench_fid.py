@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, pool_row  # noqa: E402
-
 from synreal_ray import fid, storage  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
 

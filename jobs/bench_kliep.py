@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-
 from synreal_ray.kliep import gaussian_kernel, solve_kliep  # noqa: E402
 
 
@@ -51,15 +50,15 @@ def main(argv=None) -> None:
     print(f"machine: {describe()}\n")
     print(f"(1) kernel rows: {args.n} x {args.dim} features against {args.centers} centres (float32)\n")
     print("| device | gaussian_kernel rows/s | torch matmul rows/s (bound) | kernel / bound |\n|---|---|---|---|")
-    for dev in devices:
+    for dev in devices:  # each lambda is timed within its own iteration, so late binding is harmless
         if dev == "cpu":
             kern = best(lambda: gaussian_kernel(x, c, sigma))
             xt, ct = torch.from_numpy(x), torch.from_numpy(c)
-            mm = best(lambda: xt @ ct.T)
+            mm = best(lambda: xt @ ct.T)  # noqa: B023
         else:
             xt, ct = torch.from_numpy(x).cuda(), torch.from_numpy(c).cuda()
-            kern = best(lambda: (gaussian_kernel(xt, ct, sigma), torch.cuda.synchronize()))
-            mm = best(lambda: (xt @ ct.T, torch.cuda.synchronize()))
+            kern = best(lambda: (gaussian_kernel(xt, ct, sigma), torch.cuda.synchronize()))  # noqa: B023
+            mm = best(lambda: (xt @ ct.T, torch.cuda.synchronize()))  # noqa: B023
         print(f"| {dev} | {args.n / kern:,.0f} | {args.n / mm:,.0f} | {mm / kern:.2f} |")
     if len(devices) == 1:
         print("| cuda | skipped: no GPU in this session | | |")

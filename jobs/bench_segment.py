@@ -27,13 +27,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, pool_row  # noqa: E402
-
 from synreal_ray import storage  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
 from synreal_ray.datasets.labels import NUM_CLASSES  # noqa: E402
 from synreal_ray.datasets.layouts import list_dataset  # noqa: E402
-from synreal_ray.segment import (STATE, SegEvalConfig, build_segmenter, confusion_matrix, predict,  # noqa: E402
-                                 read_sample, read_segmenter, run_seg_eval, segmenter_from_payload)
+from synreal_ray.segment import (  # noqa: E402
+    STATE,
+    SegEvalConfig,
+    build_segmenter,
+    confusion_matrix,
+    predict,
+    read_sample,
+    read_segmenter,
+    run_seg_eval,
+    segmenter_from_payload,
+)
 
 
 def save_checkpoint(folder: str, name: str, size) -> None:

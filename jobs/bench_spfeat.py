@@ -23,7 +23,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-
 from synreal_ray import storage  # noqa: E402
 from synreal_ray.datasets.demo import make_layout, png_bytes  # noqa: E402
 from synreal_ray.datasets.labels import LABEL_ID_OF_TRAIN, to_train_ids  # noqa: E402

@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-
 from synreal_ray.config import from_dict  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
 from synreal_ray.models import build_model  # noqa: E402

@@ -24,12 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, pool_row  # noqa: E402
-
 from synreal_ray import storage  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
 from synreal_ray.datasets.layouts import list_dataset  # noqa: E402
-from synreal_ray.translate import (TranslateConfig, decode_rgb, encode_image, generator_from_payload,  # noqa: E402
-                                   read_generator, run_translate, translate_batch)
+from synreal_ray.translate import (  # noqa: E402
+    TranslateConfig,
+    decode_rgb,
+    encode_image,
+    generator_from_payload,
+    read_generator,
+    run_translate,
+    translate_batch,
+)
 
 
 def save_checkpoint(folder: str, name: str, config: dict, size) -> None:

@@ -2,7 +2,8 @@
 
     python jobs/toy_kliep_gan.py                 # 10,000 vectors of size 300, 40 epochs
     python jobs/toy_kliep_gan.py --quick         # 1,000 vectors of size 50, 5 epochs (seconds)
-    python jobs/toy_kliep_gan.py --out results/  # also writes results.md and hist.png
+    python jobs/toy_kliep_gan.py --out results/  # also writes results.md, results.json and hist.png
+    python jobs/toy_kliep_gan.py --json r.json   # the summary (distances per row, setup) as JSON
 
 Source vectors are uniform in [0, 10), target vectors normal(7, 0.5). A generator G maps source
 vectors to target-like ones; the discriminator D sees target vectors and G(source). The KLIEP GAN
@@ -20,6 +21,7 @@ switch off random batches"), and inputs are not rescaled.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -109,7 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-d", type=float, default=4e-3)
     p.add_argument("--centers", type=int, default=100, help="KLIEP basis centres")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="directory for results.md and hist.png")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: min(4, cores))")
+    p.add_argument("--out", help="directory for results.md, results.json and hist.png")
+    p.add_argument("--json", help="also write the summary (Wasserstein/energy distances per row) here")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.dim, args.epochs, args.centers = 1000, 50, 5, 50
@@ -118,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads if args.threads > 0 else max(1, min(4, os.cpu_count() or 1)))
     rng = np.random.default_rng(args.seed)
     source, target = make_data(args.n, args.dim, rng)
     test_source, test_target = make_data(args.n, args.dim, rng)  # evaluation on fresh vectors
@@ -149,12 +153,32 @@ def main(argv: list[str] | None = None) -> dict:
     text = "\n".join([f"Setup: {setup}.", kliep_line, "", markdown_table(rows), "",
                       "Paper (Table II):", "", markdown_table(PAPER)])
     print("\n" + text)
+    summary = {
+        "setup": {k: getattr(args, k) for k in ("n", "dim", "epochs", "batch", "hidden", "lr_g", "lr_d",
+                                                  "centers", "seed")},
+        "table": {name: dict(zip(("mean", "std", "wasserstein", "energy"), vals)) for name, *vals in rows},
+        "wasserstein": {name: vals[2] for name, *vals in rows[1:]},  # to the (fresh) target values
+        "energy": {name: vals[3] for name, *vals in rows[1:]},
+        "kliep": {"sigma": kliep.sigma, "converged": kliep.converged, "ess": effective_sample_size(w),
+                  "max_weight": float(w.max())},
+        "seconds": {"kliep": t_kliep, **t_gan},
+    }
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(text + "\n")
+        write_json(os.path.join(args.out, "results.json"), summary)
         plot(os.path.join(args.out, "hist.png"), test_source, test_target, gens)
-    return {"rows": rows, "sigma": kliep.sigma, "weights": w, "text": text}
+    if args.json:
+        write_json(args.json, summary)
+    return {**summary, "rows": rows, "sigma": kliep.sigma, "weights": w, "text": text}
+
+
+def write_json(path: str, summary: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
 
 
 def plot(path: str, source: np.ndarray, target: np.ndarray, gens: dict[str, np.ndarray]) -> None:

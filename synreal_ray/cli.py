@@ -2,14 +2,19 @@
 
 Every setting, flag or config file, goes through the config layer (synreal_ray.config): types are
 checked there and local paths made absolute against this process's working directory, before
-anything reaches Ray. `--set KEY=VALUE` (run, demo, tune) sets any config key.
+anything reaches Ray. `--set KEY=VALUE` (run, demo, tune) sets any config key. A flag's default is
+read from its stage's config dataclass (`default_of`), so each default is written once, and
+`--help` shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import logging
 import sys
+import typing
 from typing import Any
 
 
@@ -50,13 +55,14 @@ def _pairs(a: argparse.Namespace) -> None:
     if a.preview and not a.out_png:
         raise ValueError("--preview N needs --out-png FILE")
     cfg = _config(PairsConfig, syn=a.syn, real=a.real, out=a.out, weights=a.weights, k=a.k,
-                  max_distance=a.max_distance, index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed)
+                  max_distance=a.max_distance, index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed,
+                  max_uses=a.max_uses, query=a.query)
     rec = run_pairs(cfg, force=a.force)
     report = storage.read_json(storage.join(cfg.out, "report.json"))
     print(quality_markdown(report))
     if cfg.max_distance is not None:
         print(f"--max-distance {cfg.max_distance}: dropped {report['dropped_by_max_distance']} pairs; "
-              f"{report['syn_without_pairs']} synthetic images have no pair left")
+              f"{report['syn_without_pairs']} synthetic images are in no list")
     if "ivf_recall_at_k" in report:
         print(f"IVF recall@{cfg.k} against exact search: {report['ivf_recall_at_k']:.3f}")
     if a.preview:
@@ -142,9 +148,8 @@ def _positive_float(text: str, flag: str) -> float:
 
 
 def _make_demo_data(a: argparse.Namespace) -> None:
-    from synreal_ray.datasets.demo import make_demo_data
-
     from synreal_ray.config import absolute_uri
+    from synreal_ray.datasets.demo import make_demo_data
 
     info = make_demo_data(absolute_uri(a.out, "--out"), num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val,
                           height=a.height, width=a.width, seed=a.seed)
@@ -156,7 +161,8 @@ def _translate(a: argparse.Namespace) -> None:
     from synreal_ray.translate import TranslateConfig, run_translate
 
     cfg = _config(TranslateConfig, checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out,
-                  split=a.split, batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device)
+                  split=a.split, batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device,
+                  scale=a.scale)
     rec = run_translate(cfg, force=a.force)
     if rec.get("skipped"):
         print(f"translate: {rec['images']} images already translated in {cfg.out} (up to date, skipped)")
@@ -239,178 +245,256 @@ def _seg_eval(a: argparse.Namespace) -> None:
 SET_HELP = "set any config key (repeatable): a dotted key and a YAML value, e.g. --set train.steps=20"
 
 
+def default_of(owner: Any, name: str) -> Any:
+    """The default of field `name` of a stage's config dataclass (or of parameter `name` of a
+    function): every default is written once, where the stage defines it, and the flags read it."""
+    if dataclasses.is_dataclass(owner):
+        for f in dataclasses.fields(owner):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+        raise KeyError(f"{owner.__name__} has no field {name!r} with a plain default")
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise KeyError(f"{owner.__name__}() has no default for {name!r}")
+    return default
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where its help already says it (it mentions
+    "default": typically what None means there), for required options and for on/off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.required or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _override(p: argparse.ArgumentParser, cls: type, flag: str, help: str = "", **kw: Any) -> argparse.Action:
+    """A flag that overrides a --config file's value, so None (not given) by default; its help
+    shows the stage's own default, used when neither the flag nor the file sets it."""
+    if "default" not in help:
+        help = f"{help} (default: {default_of(cls, flag[2:].replace('-', '_'))}, or the --config file's)".lstrip()
+    return p.add_argument(flag, default=None, help=help, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="synreal", description="Synthetic-to-real translation of driving datasets on Ray.")
+    from synreal_ray.datasets.demo import make_demo_data
+    from synreal_ray.datasets.images import MAX_PIXELS
+    from synreal_ray.features import FeaturesConfig
+    from synreal_ray.fid import FidConfig
+    from synreal_ray.pairing import PairsConfig
+    from synreal_ray.segment import SegEvalConfig, SegmentConfig, SegmenterName
+    from synreal_ray.train import TrainConfig
+    from synreal_ray.translate import TranslateConfig
+    from synreal_ray.weighting import KliepConfig
+
+    p = argparse.ArgumentParser(prog="synreal", description="Synthetic-to-real translation of driving datasets on Ray.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("make-demo-data", help="write the procedural demo datasets (synscapes + cityscapes layouts)")
-    d.add_argument("--out", required=True, help="folder or s3:// prefix")
-    d.add_argument("--num-syn", type=int, default=96)
-    d.add_argument("--num-real", type=int, default=64, help="real training images")
-    d.add_argument("--num-val", type=int, default=32, help="real validation images")
-    d.add_argument("--height", type=int, default=128)
-    d.add_argument("--width", type=int, default=256)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(fn=_make_demo_data)
+    def stage(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        s.set_defaults(fn=fn)
+        return s
 
-    f = sub.add_parser("features", help="SP-Feat vectors of a dataset's label maps -> Parquet")
+    d = stage("make-demo-data", "write the procedural demo datasets (synscapes + cityscapes layouts)", _make_demo_data)
+    d.add_argument("--out", required=True, help="folder or s3:// prefix")
+    d.add_argument("--num-syn", type=int, default=default_of(make_demo_data, "num_syn"), help="synthetic images")
+    d.add_argument("--num-real", type=int, default=default_of(make_demo_data, "num_real"), help="real training images")
+    d.add_argument("--num-val", type=int, default=default_of(make_demo_data, "num_val"), help="real validation images")
+    d.add_argument("--height", type=int, default=default_of(make_demo_data, "height"), help="image height in pixels")
+    d.add_argument("--width", type=int, default=default_of(make_demo_data, "width"), help="image width in pixels")
+    d.add_argument("--seed", type=int, default=default_of(make_demo_data, "seed"), help="random seed")
+
+    f = stage("features", "SP-Feat vectors of a dataset's label maps -> Parquet", _features)
     f.add_argument("--dataset", required=True, help="dataset root, local or s3://")
     f.add_argument("--layout", required=True, choices=["cityscapes", "synscapes", "gta5", "folder"])
-    f.add_argument("--split", default=None, help="cityscapes split (default train)")
-    f.add_argument("--levels", default="1,2,4", help="pyramid levels: N = N x N grid, RxC = R rows x C cols")
-    f.add_argument("--domain", choices=["syn", "real"], default=None, help="default: real for cityscapes, else syn")
+    f.add_argument("--split", default=default_of(FeaturesConfig, "split"), help="cityscapes split (default train)")
+    f.add_argument("--levels", default=default_of(FeaturesConfig, "levels"),
+                   help="pyramid levels: N = N x N grid, RxC = R rows x C cols")
+    f.add_argument("--domain", choices=["syn", "real"], default=default_of(FeaturesConfig, "domain"),
+                   help="default: real for cityscapes, else syn")
     f.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    f.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+    f.add_argument("--on-error", choices=["raise", "skip"], default=default_of(FeaturesConfig, "on_error"),
                    help="skip: record bad files in errors/ beside the output instead of failing")
-    f.add_argument("--verify-images", action="store_true", help="decode every image whole, not just its header")
-    f.add_argument("--max-pixels", type=int, default=None,
-                   help="refuse, as a bad sample, any image or label map of more pixels (default 2**28)")
+    f.add_argument("--verify-images", action="store_true", default=default_of(FeaturesConfig, "verify_images"),
+                   help="decode every image whole, not just its header")
+    f.add_argument("--max-pixels", type=int, default=default_of(FeaturesConfig, "max_pixels"),
+                   help=f"refuse, as a bad sample, any image or label map of more pixels "
+                        f"(default: None, {MAX_PIXELS:,})")
     f.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
-    f.set_defaults(fn=_features)
 
-    k = sub.add_parser("kliep", help="KLIEP importance weights of both domains from their SP-Feat features")
+    k = stage("kliep", "KLIEP importance weights of both domains from their SP-Feat features", _kliep)
     k.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
     k.add_argument("--real", required=True, help="real features (output of `synreal features`)")
     k.add_argument("--out", required=True)
-    k.add_argument("--sigma", default="auto", help="kernel width, or auto (likelihood cross-validation)")
-    k.add_argument("--centers", type=int, default=100, help="number of Gaussian basis centres")
-    k.add_argument("--folds", type=int, default=5, help="cross-validation folds for --sigma auto")
-    k.add_argument("--clip", type=float, default=None, help="largest weight after renormalising to mean 1")
-    k.add_argument("--cv-samples", type=int, default=2000, help="samples per domain for choosing sigma")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    k.add_argument("--sigma", default=default_of(KliepConfig, "sigma") or "auto",  # None, cross-validated, is "auto"
+                   help="kernel width, or auto (likelihood cross-validation)")
+    k.add_argument("--centers", type=int, default=default_of(KliepConfig, "centers"),
+                   help="number of Gaussian basis centres")
+    k.add_argument("--folds", type=int, default=default_of(KliepConfig, "folds"),
+                   help="cross-validation folds for --sigma auto")
+    k.add_argument("--clip", type=float, default=default_of(KliepConfig, "clip"),
+                   help="largest weight after renormalising to mean 1 (default: None, no clipping)")
+    k.add_argument("--cv-samples", type=int, default=default_of(KliepConfig, "cv_samples"),
+                   help="samples per domain for choosing sigma")
+    k.add_argument("--seed", type=int, default=default_of(KliepConfig, "seed"), help="random seed")
+    k.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_of(KliepConfig, "device"),
+                   help="where the fit runs (auto: a GPU when present)")
     k.add_argument("--force", action="store_true")
-    k.set_defaults(fn=_kliep)
 
-    q = sub.add_parser("pairs", help="pair each synthetic image with its K nearest real images in SP-Feat space")
+    q = stage("pairs", "K nearest neighbours in SP-Feat space (default: each real image's synthetic neighbours)",
+              _pairs)
     q.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
     q.add_argument("--real", required=True, help="real features (output of `synreal features`)")
-    q.add_argument("--weights", default=None, help="output of `synreal kliep` (default: all weights 1)")
-    q.add_argument("--k", type=int, default=5)
-    q.add_argument("--max-distance", type=float, default=None, help="drop pairs farther apart than this")
-    q.add_argument("--index", choices=["flat", "ivf"], default="flat", help="flat = exact; ivf = approximate")
-    q.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
-    q.add_argument("--actors", type=int, default=1, help="KNN actors on CPU (with GPUs: one per GPU)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--weights", default=default_of(PairsConfig, "weights"),
+                   help="output of `synreal kliep` (default: all weights 1)")
+    q.add_argument("--k", type=int, default=default_of(PairsConfig, "k"), help="neighbours per query image")
+    q.add_argument("--query", choices=["real", "syn"], default=default_of(PairsConfig, "query"),
+                   help="real: each real image's K nearest synthetic images, as in the paper; syn: the reverse")
+    q.add_argument("--max-uses", type=int, default=default_of(PairsConfig, "max_uses"), metavar="N",
+                   help="query real: a synthetic image is in at most N real images' lists (default: no cap)")
+    q.add_argument("--max-distance", type=float, default=default_of(PairsConfig, "max_distance"),
+                   help="drop pairs farther apart than this (default: None, keep all)")
+    q.add_argument("--index", choices=["flat", "ivf"], default=default_of(PairsConfig, "index"),
+                   help="flat = exact; ivf = approximate")
+    q.add_argument("--nprobe", type=int, default=default_of(PairsConfig, "nprobe"),
+                   help="IVF lists searched per query (default: None, about 1/8 of the IVF lists)")
+    q.add_argument("--actors", type=int, default=default_of(PairsConfig, "actors"),
+                   help="KNN actors on CPU (with GPUs: one per GPU)")
+    q.add_argument("--seed", type=int, default=default_of(PairsConfig, "seed"), help="random seed")
     q.add_argument("--out", required=True)
-    q.add_argument("--preview", type=int, default=0, metavar="N", help="write a grid of N synthetic images and their pairs")
+    q.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="write a grid of N synthetic images and their pairs (0: none)")
     q.add_argument("--out-png", default=None, help="where --preview writes its PNG")
     q.add_argument("--force", action="store_true")
-    q.set_defaults(fn=_pairs)
 
-    t = sub.add_parser("translate", help="translate a synthetic dataset with a trained generator (same layout, labels copied)")
+    t = stage("translate", "translate a synthetic dataset with a trained generator (same layout, labels copied)",
+              _translate)
     t.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training run's --out (its latest checkpoint)")
     t.add_argument("--dataset", required=True, help="synthetic dataset root, local or s3://")
     t.add_argument("--layout", required=True, choices=["cityscapes", "synscapes", "gta5", "folder"])
-    t.add_argument("--split", default=None, help="cityscapes split (default train)")
+    t.add_argument("--split", default=default_of(TranslateConfig, "split"), help="cityscapes split (default train)")
     t.add_argument("--out", required=True, help="output folder or s3:// prefix (gets the input's layout)")
-    t.add_argument("--batch-size", type=int, default=8, help="images per generator batch")
-    t.add_argument("--actors", type=int, default=None, help="generator actors (default: one per GPU, else CPUs / 2)")
+    t.add_argument("--batch-size", type=int, default=default_of(TranslateConfig, "batch_size"),
+                   help="images per generator batch")
+    t.add_argument("--actors", type=int, default=default_of(TranslateConfig, "actors"),
+                   help="generator actors (default: one per GPU, else CPUs / 2)")
     t.add_argument("--no-amp", action="store_true", help="full fp32 on GPU (default: fp16 autocast)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="actors on GPUs (auto: when present) or CPUs")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_of(TranslateConfig, "device"),
+                   help="actors on GPUs (auto: when present) or CPUs")
+    t.add_argument("--scale", choices=["train", "full"], default=default_of(TranslateConfig, "scale"),
+                   help="train: resize each image by the factor training did, translate, resize back; "
+                        "full: translate at full resolution")
     t.add_argument("--force", action="store_true", help="translate everything again even if up to date")
-    t.set_defaults(fn=_translate)
 
-    z = sub.add_parser("fid", help="Frechet Inception Distance between two folders of images (pytorch-fid's numbers)")
+    z = stage("fid", "Frechet Inception Distance between two folders of images (pytorch-fid's numbers)", _fid)
     z.add_argument("--a", required=True, help="folder of images (searched recursively), local or s3://")
     z.add_argument("--b", required=True, help="folder of images (searched recursively), local or s3://")
-    z.add_argument("--inception-weights", default=None, metavar="PATH|URI",
+    z.add_argument("--inception-weights", default=default_of(FidConfig, "weights"), metavar="PATH|URI",
                    help="pytorch-fid's pt_inception-2015-12-05 weights file (default: $SYNREAL_INCEPTION_WEIGHTS)")
-    z.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048], help="Inception feature size")
-    z.add_argument("--size", default=None, metavar="HxW", help="resize images to HxW first (e.g. 256x512)")
-    z.add_argument("--max-images", type=int, default=None, help="a seeded random subset of N images per set")
-    z.add_argument("--cache", default=None, help="activation cache folder or s3:// prefix "
-                                                 "(default: $SYNREAL_FID_CACHE or ~/.cache/synreal/fid)")
-    z.add_argument("--batch-size", type=int, default=50)
-    z.add_argument("--actors", type=int, default=None, help="Inception actors (default: one per GPU, else CPUs / 2)")
-    z.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="actors on GPUs (auto: when present) or CPUs")
-    z.set_defaults(fn=_fid)
-    tr = sub.add_parser("train", help="train UNIT or CycleGAN with Ray Train on pairs and KLIEP weights")
-    tr.add_argument("--config", default=None, help="YAML with a train: section (defaults apply without it)")
-    tr.add_argument("--model", choices=["unit", "cyclegan"], default=None)
-    tr.add_argument("--syn", default=None, help="synthetic dataset root")
-    tr.add_argument("--syn-layout", default=None)
-    tr.add_argument("--real", default=None, help="real dataset root")
-    tr.add_argument("--real-layout", default=None)
-    tr.add_argument("--pairs", default=None, help="output of `synreal pairs` (without it: random pairing, the baseline)")
-    tr.add_argument("--weights", default=None, help="output of `synreal kliep`")
-    tr.add_argument("--steps", type=int, default=None)
-    tr.add_argument("--image-size", default=None, help="HxW")
-    tr.add_argument("--batch-size", type=int, default=None, help="global batch, split over the workers")
-    tr.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP)")
-    tr.add_argument("--checkpoint-every", type=int, default=None)
-    tr.add_argument("--out", default=None)
+    z.add_argument("--dims", type=int, default=default_of(FidConfig, "dims"), choices=[64, 192, 768, 2048],
+                   help="Inception feature size")
+    z.add_argument("--size", default=default_of(FidConfig, "size"), metavar="HxW",
+                   help="resize images to HxW first, e.g. 256x512 (default: None, as they are)")
+    z.add_argument("--max-images", type=int, default=default_of(FidConfig, "max_images"),
+                   help="a seeded random subset of N images per set (default: None, all images)")
+    z.add_argument("--cache", default=default_of(FidConfig, "cache"),
+                   help="activation cache folder or s3:// prefix (default: $SYNREAL_FID_CACHE or ~/.cache/synreal/fid)")
+    z.add_argument("--batch-size", type=int, default=default_of(FidConfig, "batch_size"),
+                   help="images per Inception batch")
+    z.add_argument("--actors", type=int, default=default_of(FidConfig, "actors"),
+                   help="Inception actors (default: one per GPU, else CPUs / 2)")
+    z.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_of(FidConfig, "device"),
+                   help="actors on GPUs (auto: when present) or CPUs")
+
+    tr = stage("train", "train UNIT or CycleGAN with Ray Train on pairs and KLIEP weights", _train)
+    tr.add_argument("--config", default=None, help="YAML with a train: section (without it: the defaults below)")
+    _override(tr, TrainConfig, "--model", "translation model", choices=["unit", "cyclegan"])
+    _override(tr, TrainConfig, "--syn", "synthetic dataset root")
+    _override(tr, TrainConfig, "--syn-layout", "layout of --syn")
+    _override(tr, TrainConfig, "--real", "real dataset root")
+    _override(tr, TrainConfig, "--real-layout", "layout of --real")
+    _override(tr, TrainConfig, "--pairs", "output of `synreal pairs` (default: none, random pairing: the baseline)")
+    _override(tr, TrainConfig, "--weights", "output of `synreal kliep` (default: none, the pairs' weights)")
+    _override(tr, TrainConfig, "--steps", "training steps", type=int)
+    _override(tr, TrainConfig, "--image-size", "HxW")
+    _override(tr, TrainConfig, "--batch-size", "global batch, split over the workers", type=int)
+    _override(tr, TrainConfig, "--workers", "Ray Train workers (DDP)", type=int)
+    _override(tr, TrainConfig, "--checkpoint-every", "steps between checkpoints", type=int)
+    _override(tr, TrainConfig, "--out", "output folder or s3:// prefix")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     tr.add_argument("--force", action="store_true")
-    tr.set_defaults(fn=_train)
 
-    r = sub.add_parser("run", help="the whole pipeline: features, kliep, pairs, train, translate, FID, report")
+    r = stage("run", "the whole pipeline: features, kliep, pairs, train, translate, FID, report", _run)
     r.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
-    r.add_argument("--out", default=None, help="override the config's out")
-    r.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    r.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
+    r.add_argument("--inception-weights", default=None,
+                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     r.add_argument("--force", action="store_true", help="recompute every stage")
-    r.set_defaults(fn=_run)
 
-    m = sub.add_parser("demo", help="make the procedural demo data and run the pipeline on it (configs/demo.yaml)")
+    m = stage("demo", "make the procedural demo data and run the pipeline on it (configs/demo.yaml)", _demo)
     m.add_argument("--config", default=None, help="default: configs/demo.yaml")
     m.add_argument("--data", default="data/demo", help="where the demo datasets are written (kept if present)")
     m.add_argument("--out", default=None, help="default: the config's out (out/demo)")
-    m.add_argument("--num-syn", type=int, default=96)
-    m.add_argument("--num-real", type=int, default=64)
-    m.add_argument("--num-val", type=int, default=32)
-    m.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    m.add_argument("--num-syn", type=int, default=default_of(make_demo_data, "num_syn"), help="synthetic images")
+    m.add_argument("--num-real", type=int, default=default_of(make_demo_data, "num_real"), help="real training images")
+    m.add_argument("--num-val", type=int, default=default_of(make_demo_data, "num_val"), help="real validation images")
+    m.add_argument("--inception-weights", default=None,
+                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     m.add_argument("--force", action="store_true")
-    m.set_defaults(fn=_demo)
 
-    t = sub.add_parser("tune", help="Ray Tune sweep over K, SP-Feat levels, KLIEP width, model and weighting against FID")
+    t = stage("tune", "Ray Tune sweep over K, SP-Feat levels, KLIEP width, model and weighting against FID", _tune)
     t.add_argument("--config", required=True, help="pipeline YAML with a tune: section (see configs/sweep.yaml)")
-    t.add_argument("--out", default=None, help="override the config's out")
-    t.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file (local or s3://)")
+    t.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
+    t.add_argument("--inception-weights", default=None,
+                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (repeatable), tune: section included, e.g. --set tune.milestones=[20]")
     t.add_argument("--force", action="store_true",
                    help="start over when OUT holds an interrupted sweep with other settings (deletes its trials)")
-    t.set_defaults(fn=_tune)
 
-    rp = sub.add_parser("report", help="FID table and before/after grid of a pipeline run")
+    rp = stage("report", "FID table and before/after grid of a pipeline run", _report)
     rp.add_argument("--run", required=True, help="the pipeline's out folder")
-    rp.set_defaults(fn=_report)
 
-    sg = sub.add_parser("segment", help="train a torchvision segmenter (19 Cityscapes classes) with Ray Train")
+    sg = stage("segment", "train a torchvision segmenter (19 Cityscapes classes) with Ray Train", _segment)
     sg.add_argument("--config", default=None, help="YAML with a segment: section (e.g. a mixture of datasets)")
-    sg.add_argument("--train", default=None, metavar="URI", help="training dataset root (replaces the config's list)")
-    sg.add_argument("--train-layout", default=None, help="cityscapes, synscapes, gta5 or folder")
+    sg.add_argument("--train", default=None, metavar="URI",
+                    help="training dataset root (replaces the config's list; needed without --config)")
+    sg.add_argument("--train-layout", default=None, help="cityscapes, synscapes, gta5 or folder (needed with --train)")
     sg.add_argument("--train-split", default=None, help="cityscapes split (default train)")
-    sg.add_argument("--val", default=None, metavar="URI", help="dataset scored with the final checkpoint (out/val)")
-    sg.add_argument("--val-layout", default=None)
-    sg.add_argument("--val-split", default=None, help="default: val for the cityscapes layout")
-    sg.add_argument("--out", default=None)
-    sg.add_argument("--model", default=None, help="lraspp_mobilenet_v3_large (default), deeplabv3_resnet50, "
-                                                  "deeplabv3_resnet101, fcn_resnet50 or fcn_resnet101")
-    sg.add_argument("--image-size", default=None, metavar="HxW", help="training crop (default 512x1024)")
-    sg.add_argument("--steps", type=int, default=None)
-    sg.add_argument("--batch-size", type=int, default=None, help="global batch, split over the workers")
-    sg.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP)")
-    sg.add_argument("--backbone-weights", default=None, metavar="FILE|s3://",
-                    help="backbone state dict, e.g. torchvision's ImageNet file (nothing is downloaded)")
+    _override(sg, SegmentConfig, "--val", "dataset scored with the final checkpoint into out/val "
+              "(default: None, no scoring)", metavar="URI")
+    _override(sg, SegmentConfig, "--val-layout", "layout of --val")
+    _override(sg, SegmentConfig, "--val-split", "default: val for the cityscapes layout")
+    _override(sg, SegmentConfig, "--out", "output folder or s3:// prefix")
+    _override(sg, SegmentConfig, "--model", f"one of {', '.join(typing.get_args(SegmenterName))}")
+    _override(sg, SegmentConfig, "--image-size", "training crop", metavar="HxW")
+    _override(sg, SegmentConfig, "--steps", "training steps", type=int)
+    _override(sg, SegmentConfig, "--batch-size", "global batch, split over the workers", type=int)
+    _override(sg, SegmentConfig, "--workers", "Ray Train workers (DDP)", type=int)
+    _override(sg, SegmentConfig, "--backbone-weights", "backbone state dict, e.g. torchvision's ImageNet file "
+              "(default: None, random initialisation: nothing is downloaded)", metavar="FILE|s3://")
     sg.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     sg.add_argument("--force", action="store_true")
-    sg.set_defaults(fn=_segment)
 
-    se = sub.add_parser("seg-eval", help="mIoU of a segment output on a dataset at full resolution (Ray Data actors)")
+    se = stage("seg-eval", "mIoU of a segment output on a dataset at full resolution (Ray Data actors)", _seg_eval)
     se.add_argument("--model", required=True, help="output of `synreal segment` (its latest checkpoint), or a checkpoint")
     se.add_argument("--dataset", required=True, help="dataset root, local or s3://")
     se.add_argument("--layout", required=True, help="cityscapes, synscapes, gta5 or folder")
-    se.add_argument("--split", default=None, help="cityscapes split (default train)")
+    se.add_argument("--split", default=default_of(SegEvalConfig, "split"), help="cityscapes split (default train)")
     se.add_argument("--out", required=True)
-    se.add_argument("--save-predictions", action="store_true", help="write predictions/<sample id>.png (label IDs)")
-    se.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
-    se.add_argument("--actors", type=int, default=None, help="default: one per GPU, else CPUs / 2")
-    se.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    se.add_argument("--save-predictions", action="store_true", default=default_of(SegEvalConfig, "save_predictions"),
+                    help="write predictions/<sample id>.png (label IDs)")
+    se.add_argument("--batch-size", type=int, default=default_of(SegEvalConfig, "batch_size"),
+                    help="images per actor batch")
+    se.add_argument("--actors", type=int, default=default_of(SegEvalConfig, "actors"),
+                    help="default: one per GPU, else CPUs / 2")
+    se.add_argument("--device", default=default_of(SegEvalConfig, "device"),
+                    help="auto (GPU when present), cpu or cuda")
     se.add_argument("--force", action="store_true")
-    se.set_defaults(fn=_seg_eval)
     return p
 
 

@@ -22,7 +22,8 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Annotated, Any, Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 

@@ -263,13 +263,25 @@ def features_dataset(uri: str, columns=("id", "feature")):
     return ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, columns=list(columns))
 
 
+# A features output of at most this many rows is read on the driver by the stages that use it:
+# there, starting a Ray Data job (seconds) costs more than the work itself.
+DRIVER_ROWS = 20_000
+
+
+def num_rows(uri: str) -> int:
+    return int(storage.read_json(storage.join(uri, "stage.json"))["rows"])
+
+
 def sample_features(uri: str, n: int, seed: int = 0) -> np.ndarray:
-    """Up to `n` feature rows drawn at random (deterministic for a seed) without loading the rest."""
-    rows = storage.read_json(storage.join(uri, "stage.json"))["rows"]
-    meta = features_meta(uri)
-    ds = features_dataset(uri, columns=("feature",))
-    if n < rows:
-        ds = ds.random_sample(min(1.0, 1.3 * n / rows), seed=seed)  # a margin, then cut to n
-    table = pa.concat_tables([t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows])
-    x = feature_matrix(table.column("feature"), meta["dim"])
+    """Up to `n` feature rows drawn at random (deterministic for a seed) without loading the rest;
+    all rows in id order when there are at most `n`."""
+    rows = num_rows(uri)
+    if rows <= DRIVER_ROWS:
+        x = load_features(uri)["feature"]
+    else:
+        ds = features_dataset(uri, columns=("id", "feature"))
+        if n < rows:
+            ds = ds.random_sample(min(1.0, 1.3 * n / rows), seed=seed)  # a margin, then cut to n
+        table = pa.concat_tables([t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows])
+        x = feature_matrix(table.sort_by("id").column("feature"), features_meta(uri)["dim"])
     return x[np.random.default_rng(seed).permutation(len(x))[:n]] if len(x) > n else x

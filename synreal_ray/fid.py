@@ -157,7 +157,7 @@ def make_random_inception_weights(path: str, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
 
     def randomise(net):
-        for name, m in net.named_modules():
+        for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
             elif isinstance(m, torch.nn.BatchNorm2d):

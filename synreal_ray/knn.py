@@ -2,7 +2,9 @@
 
 `KnnIndex` holds the real features in a faiss index (flat L2 by default, IVF as an option) on the
 GPU when there is one and the faiss build supports it, on the CPU otherwise. Pure numpy + faiss;
-no Ray: the Ray actor that serves it lives elsewhere.
+no Ray: the Ray actor that serves it lives elsewhere. "real" below names the indexed side; the
+pairs stage indexes the synthetic features instead when real images are the queries (its default),
+and `assign_capped` turns each query's candidates into lists with a global cap on reuse.
 
 Why the results are post-processed rather than taken straight from faiss:
 
@@ -20,7 +22,7 @@ With this, the flat index returns exactly what `brute_force_knn` returns.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -356,3 +358,44 @@ def measure_recall(index: KnnIndex, real, queries_sample, k: int) -> float:
     got_d2, got_i = _refine(real, queries_sample, got_i)
     hits = (got_i >= 0) & (got_d2 <= true_d2[:, -1:])
     return float(hits.mean())
+
+
+def assign_capped(query, target, distance, k: int, max_uses: int | None = None) -> np.ndarray:
+    """Which candidate edges (query -> target) to keep: at most k per query, at most max_uses per target.
+
+    query, target: integer arrays (n_edges,) naming each edge's query and target (any integers;
+    ties are broken by their order, so pass rows in id order); distance: (n_edges,). The (query,
+    target) edges must be distinct. Edges are visited in order of increasing distance, ties by
+    query then target, and an edge is kept when its query has fewer than k kept edges and its
+    target fewer than max_uses (None: no cap). So each target is kept by its max_uses closest
+    queries, and a query past a target's share takes its next nearest candidate instead; a query
+    whose candidates run out keeps fewer than k. Without a cap this is each query's k nearest
+    candidates. Returns a bool mask over the edges. Pure numpy; deterministic.
+    """
+    query, target = np.asarray(query, dtype=np.int64), np.asarray(target, dtype=np.int64)
+    distance = np.asarray(distance, dtype=np.float64)
+    if not query.shape == target.shape == distance.shape or query.ndim != 1:
+        raise ValueError(f"query, target and distance must be 1-D of one length, got "
+                         f"{query.shape}, {target.shape}, {distance.shape}")
+    if k < 1 or (max_uses is not None and max_uses < 1):
+        raise ValueError(f"k and max_uses must be >= 1, got k={k}, max_uses={max_uses}")
+    keep = np.zeros(query.size, dtype=bool)
+    if query.size == 0:
+        return keep
+    if max_uses is None:  # each query's k first edges by (distance, target): no global order needed
+        order = np.lexsort((target, distance, query))
+        q = query[order]
+        first = np.searchsorted(q, q, side="left")  # position of each query's first edge
+        keep[order[np.arange(q.size) - first < k]] = True
+        return keep
+    order = np.lexsort((target, query, distance))
+    _, q_of = np.unique(query, return_inverse=True)
+    _, t_of = np.unique(target, return_inverse=True)
+    q_count = [0] * (int(q_of.max()) + 1)
+    t_count = [0] * (int(t_of.max()) + 1)
+    for e, qi, ti in zip(order.tolist(), q_of[order].tolist(), t_of[order].tolist()):
+        if q_count[qi] < k and t_count[ti] < max_uses:
+            q_count[qi] += 1
+            t_count[ti] += 1
+            keep[e] = True
+    return keep

@@ -58,6 +58,8 @@ class KliepSection:
 @dataclass(frozen=True)
 class PairsSection:
     k: int = 5
+    query: Literal["real", "syn"] = "real"
+    max_uses: int | None = None
     max_distance: float | None = None
     index: Literal["flat", "ivf"] = "flat"
 
@@ -69,7 +71,7 @@ class RunSpec:
     name: str
     model: Literal["unit", "cyclegan"] = "unit"
     pairing: Literal["spfeat", "random"] = "spfeat"
-    weighting: Literal["loss", "sampling", "none"] = "loss"
+    weighting: Literal["loss", "source", "sampling", "none"] = "loss"
 
     def __post_init__(self):
         # the name is a folder under out/runs/: one plain path part
@@ -87,6 +89,7 @@ def _default_runs() -> tuple[RunSpec, ...]:
 @dataclass(frozen=True)
 class TranslateSection:
     batch_size: int = 8
+    scale: Literal["train", "full"] = "train"
 
 
 @dataclass(frozen=True)
@@ -283,11 +286,10 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     from synreal_ray.cluster import init_ray
     from synreal_ray.features import run_features
     from synreal_ray.pairing import run_pairs
+    from synreal_ray.stage import check_output
     from synreal_ray.train import run_train
     from synreal_ray.translate import run_translate
     from synreal_ray.weighting import run_kliep
-
-    from synreal_ray.stage import check_output
 
     # The pipeline's folder holds every stage's output: it may not be, hold or lie inside the data.
     check_output(cfg.out, [cfg.data.syn, cfg.data.real], "out")
@@ -357,6 +359,16 @@ def fid_between(cfg: PipelineConfig, a: str, b: str, weights: str) -> float:
     return run_fid(fid_config(cfg, a, b, weights))["fid"]
 
 
+def cache_activations(cfg: PipelineConfig, roots: list[str], weights: str) -> None:
+    """The Inception activations of every image set the report compares, computed by one actor
+    pool (Inception loaded once per actor, not once per comparison); fid_between reads them back
+    from the cache."""
+    from synreal_ray.fid import set_activations
+
+    fc = fid_config(cfg, roots[0], roots[-1], weights)
+    set_activations(roots, fc, weights, storage.read_bytes(weights))
+
+
 def write_report(cfg: PipelineConfig) -> dict:
     from synreal_ray.datasets.layouts import image_root
 
@@ -364,14 +376,18 @@ def write_report(cfg: PipelineConfig) -> dict:
     weights, random_inception = inception_weights(cfg)
     syn_img = image_root(d.syn, d.syn_layout, d.syn_split)
     real_img = image_root(d.real, d.real_layout, d.real_split)
-    rows = [{"comparison": "synthetic vs real (no adaptation)", "fid": fid_between(cfg, syn_img, real_img, weights)}]
+    val_img = None
     if d.real_val_split and d.real_layout == "cityscapes":
         val_img = image_root(d.real, d.real_layout, d.real_val_split)
-        if storage.list_files(val_img):
-            rows.append({"comparison": f"real {d.real_split} vs real {d.real_val_split} (floor)",
-                         "fid": fid_between(cfg, real_img, val_img, weights)})
+        val_img = val_img if storage.list_files(val_img) else None
+    out_imgs = {run.name: image_root(translated_uri(cfg, run), d.syn_layout, d.syn_split) for run in cfg.runs}
+    cache_activations(cfg, [syn_img, real_img, *([val_img] if val_img else []), *out_imgs.values()], weights)
+    rows = [{"comparison": "synthetic vs real (no adaptation)", "fid": fid_between(cfg, syn_img, real_img, weights)}]
+    if val_img:
+        rows.append({"comparison": f"real {d.real_split} vs real {d.real_val_split} (floor)",
+                     "fid": fid_between(cfg, real_img, val_img, weights)})
     for run in cfg.runs:
-        out_img = image_root(translated_uri(cfg, run), d.syn_layout, d.syn_split)
+        out_img = out_imgs[run.name]
         rows.append({"comparison": f"{run.name}: translated vs real", "run": run.name,
                      "fid": fid_between(cfg, out_img, real_img, weights)})
         rows.append({"comparison": f"{run.name}: translated vs synthetic", "run": run.name,

@@ -76,8 +76,9 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -86,9 +87,21 @@ from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.stage import Stage, read_info
-from synreal_ray.train import (LOAD_CPUS, STEPS_PER_TASK, MetricsLog, _mean_over_workers, _ray_storage, _step_seed,
-                               checkpoint_name, latest_checkpoint, parse_size, read_meta,
-                               read_metrics, read_state, resume_point)
+from synreal_ray.train import (
+    LOAD_CPUS,
+    STEPS_PER_TASK,
+    MetricsLog,
+    _mean_over_workers,
+    _ray_storage,
+    _step_seed,
+    checkpoint_name,
+    latest_checkpoint,
+    parse_size,
+    read_meta,
+    read_metrics,
+    read_state,
+    resume_point,
+)
 
 log = logging.getLogger("synreal.segment")
 
@@ -441,7 +454,7 @@ class TrainSource:
 
     uri: URI
     layout: str
-    split: Optional[str] = None  # cityscapes layout: default train
+    split: str | None = None  # cityscapes layout: default train
     share: float = 1.0
 
     def __post_init__(self):
@@ -457,11 +470,11 @@ class SegmentConfig:
 
     train: tuple[TrainSource, ...]
     out: URI = "out/segment"
-    val: Optional[URI] = None  # scored with the final checkpoint into out/val (seg-eval's outputs)
+    val: URI | None = None  # scored with the final checkpoint into out/val (seg-eval's outputs)
     val_layout: str = "cityscapes"
-    val_split: Optional[str] = None  # None: "val" for the cityscapes layout
+    val_split: str | None = None  # None: "val" for the cityscapes layout
     model: SegmenterName = "lraspp_mobilenet_v3_large"
-    backbone_weights: Optional[URI] = None
+    backbone_weights: URI | None = None
     image_size: str = "512x1024"  # HxW of the training crops
     scale: tuple[float, float] = (0.5, 2.0)  # random scale range, relative to each image's resolution
     flip: bool = True
@@ -473,10 +486,10 @@ class SegmentConfig:
     poly_power: float = 0.9
     amp: bool = True  # fp16 autocast + GradScaler where the worker has a GPU
     workers: int = 1
-    use_gpu: Optional[bool] = None  # None: GPUs when the cluster has one per worker
+    use_gpu: bool | None = None  # None: GPUs when the cluster has one per worker
     max_failures: int = 2
     checkpoint_every: int = 500
-    keep_checkpoints: Optional[int] = None
+    keep_checkpoints: int | None = None
     log_every: int = 10
     bn_batches: int = 16  # BatchNorm recalibration before each checkpoint: batches per worker (0: off)
     eval_batch_size: int = 4
@@ -528,11 +541,11 @@ class SegmentConfig:
         return batch_slots([s.share for s in self.train], self.batch_size)
 
     @property
-    def resolved_val_split(self) -> Optional[str]:
+    def resolved_val_split(self) -> str | None:
         return self.val_split if self.val_split is not None or self.val_layout != "cityscapes" else "val"
 
 
-def list_samples(uri: str, layout: str, split: Optional[str], what: str) -> list:
+def list_samples(uri: str, layout: str, split: str | None, what: str) -> list:
     """The samples of a dataset; any problem (an image without a label map, a path that is not
     plain) is an error here: a segmenter is trained and scored on labelled images only."""
     samples, problems = list_dataset(uri, layout, split)
@@ -640,9 +653,11 @@ def _segment_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from synreal_ray import viz
+    from synreal_ray.cluster import use_assigned_cpus
 
+    use_assigned_cpus()
     cfg: SegmentConfig = from_dict(SegmentConfig, config["cfg"])
-    hook: Optional[Callable] = config.get("step_hook")
+    hook: Callable | None = config.get("step_hook")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -699,7 +714,7 @@ def _segment_worker(config: dict) -> None:
 
         last = step == cfg.steps
         save = step % cfg.checkpoint_every == 0 or last
-        if save or step % cfg.log_every == 0:  # every worker reports at the same steps: a barrier
+        if save or step % cfg.log_every == 0:  # every worker averages at the same steps
             with torch.no_grad():
                 correct = ((logits.argmax(1) == y) & (y != IGNORE)).sum()
             acc = float(correct) / max(int(valid), 1)
@@ -709,9 +724,7 @@ def _segment_worker(config: dict) -> None:
                 metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
             if rank == 0:
                 metrics_log.add(metrics)
-            if not save:
-                ray.train.report(metrics)
-            else:
+            if save:  # reports to Ray Train come with checkpoints only (see train.py)
                 bn = recalibrate_bn(bare, (to_input(b.to(device)) for b in recent)) if cfg.bn_batches else 0
                 recent.clear()
                 _average_batchnorms(bare, world)
@@ -771,7 +784,7 @@ CONTINUABLE = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures", 
                "val_split", "eval_batch_size")
 
 
-def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Optional[Callable] = None) -> dict:
+def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | None = None) -> dict:
     """Train, checkpoint, score the final checkpoint on `val`, and publish; returns the stage
     record (stage.json), with "skipped": True when an identical published run exists. Raises
     ValueError / FileNotFoundError for bad inputs, ray.train's TrainingFailedError when training
@@ -783,7 +796,7 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Optional[Cal
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synreal_ray.cluster import init_ray
+    from synreal_ray.cluster import cpus_per_worker, init_ray
 
     sources = prepare_sources(cfg)
     val_samples = list_samples(cfg.val, cfg.val_layout, cfg.resolved_val_split, "val") if cfg.val else None
@@ -811,7 +824,8 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Optional[Cal
             trainer = TorchTrainer(
                 _segment_worker,
                 train_loop_config={"cfg": to_dict(cfg), "step_hook": step_hook},
-                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
                 run_config=RunConfig(
                     name=RUN_NAME, **_ray_storage(cfg.out),
                     failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -978,10 +992,10 @@ class SegEvalConfig:
     dataset: URI
     layout: str
     out: URI
-    split: Optional[str] = None
+    split: str | None = None
     save_predictions: bool = False
     batch_size: int = 4
-    actors: Optional[int] = None
+    actors: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
 

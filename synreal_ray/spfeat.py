@@ -8,7 +8,7 @@ layouts: the same classes in the same places. Pure numpy; no Ray.
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -58,8 +58,9 @@ import re
 import tempfile
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -95,16 +96,16 @@ class TrainConfig:
     # data: dataset roots (local or s3://) in a layout of datasets/layouts.py
     syn: URI = "data/demo/syn"
     syn_layout: str = "synscapes"
-    syn_split: Optional[str] = None
+    syn_split: str | None = None
     real: URI = "data/demo/real"
     real_layout: str = "cityscapes"
-    real_split: Optional[str] = None
-    pairs: Optional[URI] = None  # output of the pairs stage; None: random pairing (the baseline)
-    weights: Optional[URI] = None  # output of the kliep stage; overrides the pairs' w_syn, w_real
+    real_split: str | None = None
+    pairs: URI | None = None  # output of the pairs stage; None: random pairing (the baseline)
+    weights: URI | None = None  # output of the kliep stage; overrides the pairs' w_syn, w_real
     out: URI = "out/train"
     # sampler (see sampler.py); pairing None: "spfeat" with pairs, else "random"
-    pairing: Optional[Literal["spfeat", "random"]] = None
-    weighting: Literal["loss", "sampling", "none"] = "loss"
+    pairing: Literal["spfeat", "random"] | None = None
+    weighting: Literal["loss", "source", "sampling", "none"] = "loss"
     real_random_share: float = 0.1
     seed: int = 0
     # model and optimisation
@@ -113,15 +114,15 @@ class TrainConfig:
     image_size: str = "128x256"  # HxW: images are resized to cover it, then centre-cropped
     batch_size: int = 4  # global: each of the `workers` workers trains on batch_size / workers pairs
     steps: int = 2000
-    lr: Optional[float] = None  # None: the model's default (UNIT 1e-4, CycleGAN 2e-4)
+    lr: float | None = None  # None: the model's default (UNIT 1e-4, CycleGAN 2e-4)
     amp: bool = True  # mixed precision (fp16 autocast + GradScaler) where the worker has a GPU
     # scale and fault tolerance
     workers: int = 1
-    use_gpu: Optional[bool] = None  # None: GPUs when the cluster has one per worker
+    use_gpu: bool | None = None  # None: GPUs when the cluster has one per worker
     max_failures: int = 2  # worker-group restarts from the latest checkpoint (-1: unlimited)
     # outputs
     checkpoint_every: int = 500
-    keep_checkpoints: Optional[int] = None  # None: keep all
+    keep_checkpoints: int | None = None  # None: keep all
     log_every: int = 10
     grid_every: int = 500
     grid_images: int = 4
@@ -246,7 +247,7 @@ def read_pairs(uri: str) -> pa.Table:
     missing = [c for c in PAIRS_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{uri}: pairs table lacks column(s) {missing}; it has {table.column_names}")
-    return table.select(list(PAIRS_COLUMNS))
+    return table.select(list(PAIRS_COLUMNS) + [c for c in ("w_use",) if c in table.column_names])  # w_use: query real
 
 
 @dataclass
@@ -258,9 +259,9 @@ class TrainData:
     syn_uris: list[str]
     real_ids: list[str]
     real_uris: list[str]
-    pairs: Optional[pa.Table] = None  # syn_id, real_id, rank, w_syn, w_real
-    syn_weights: Optional[dict[str, float]] = None
-    real_weights: Optional[dict[str, float]] = None
+    pairs: pa.Table | None = None  # syn_id, real_id, rank, w_syn, w_real
+    syn_weights: dict[str, float] | None = None
+    real_weights: dict[str, float] | None = None
 
     def sampler(self, cfg: TrainConfig) -> SmartBatchSampler:
         pairing = cfg.pairing or ("spfeat" if self.pairs is not None else "random")
@@ -293,7 +294,9 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     real, _ = list_dataset(cfg.real, cfg.real_layout, cfg.real_split)
     data = TrainData([s.id for s in syn], [s.image_uri for s in syn], [s.id for s in real], [s.image_uri for s in real])
     if cfg.pairs is not None:
-        data.pairs = read_pairs(cfg.pairs).select(["syn_id", "real_id", "rank", "w_syn", "w_real"])
+        pairs = read_pairs(cfg.pairs)
+        data.pairs = pairs.select([c for c in ("syn_id", "real_id", "rank", "w_syn", "w_real", "w_use")
+                                   if c in pairs.column_names])
     if cfg.weights is not None:
         from synreal_ray.weighting import load_weights
 
@@ -384,7 +387,7 @@ def latest_checkpoint(uri: str) -> str:
     raise FileNotFoundError(f"{uri}: no complete checkpoint (looked for {run_folder(uri)}/checkpoint_*/{STATE})")
 
 
-def resume_point(run: str) -> tuple[int, Optional[str]]:
+def resume_point(run: str) -> tuple[int, str | None]:
     """(step, checkpoint uri) to start from: the newest complete checkpoint, or (0, None)."""
     found = list_checkpoints(run)
     return found[-1] if found else (0, None)
@@ -517,11 +520,13 @@ def _train_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from synreal_ray import viz
+    from synreal_ray.cluster import use_assigned_cpus
     from synreal_ray.models import build_model
 
+    use_assigned_cpus()
     cfg: TrainConfig = from_dict(TrainConfig, config["cfg"])
     data: TrainData = config["data"]
-    hook: Optional[Callable] = config.get("step_hook")
+    hook: Callable | None = config.get("step_hook")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -580,15 +585,16 @@ def _train_worker(config: dict) -> None:
             storage.write_bytes(storage.join(cfg.out, "grids", f"step_{step:06d}.png"),
                                 viz.image_grid([grid_syn, fake, grid_real]))
         save = step % cfg.checkpoint_every == 0 or last
-        if save or step % cfg.log_every == 0:  # every worker reports at the same steps: a barrier
+        if save or step % cfg.log_every == 0:  # every worker averages at the same steps
             metrics = {"step": step, **_mean_over_workers(losses, device), "lr": scheds["gen"].get_last_lr()[0]}
             if last and step - start > 1:
                 metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
             if rank == 0:
                 log.add(metrics)
-            if not save:
-                ray.train.report(metrics)
-            elif rank == 0:
+        # Reports to Ray Train (about a second each on a small machine) come with checkpoints only;
+        # the steps between go to metrics.jsonl alone.
+        if save:
+            if rank == 0:
                 log.flush(force=True)  # metrics up to this step exist before the checkpoint does
                 storage.write_bytes(storage.join(cfg.out, "loss_curves.png"),
                                     viz.loss_curves({cfg.model: log.records}))
@@ -639,7 +645,7 @@ class _Streams:
 CONTINUABLE = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "grid_every")
 
 
-def _absolute(uri: Optional[str]) -> Optional[str]:
+def _absolute(uri: str | None) -> str | None:
     return uri if uri is None or storage.is_s3(uri) else os.path.abspath(uri)
 
 
@@ -648,7 +654,7 @@ def _ray_storage(out: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callable] = None) -> dict:
+def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None = None) -> dict:
     """Train, checkpoint, and publish the stage; returns the stage record (stage.json), with
     "skipped": True when an identical published run exists. Raises ValueError /
     FileNotFoundError for bad inputs, ray.train's TrainingFailedError when training failed
@@ -660,7 +666,7 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callabl
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synreal_ray.cluster import init_ray
+    from synreal_ray.cluster import cpus_per_worker, init_ray
 
     # Ray Train workers run in a folder of their own: relative local paths would land there.
     cfg = dataclasses.replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in ("syn", "real", "pairs", "weights", "out")})
@@ -689,7 +695,8 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Optional[Callabl
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": to_dict(cfg), "data": data, "step_hook": step_hook},
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
             run_config=RunConfig(
                 name=RUN_NAME, **_ray_storage(cfg.out),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -1,8 +1,10 @@
 """Stage `translate`: a synthetic dataset -> the same dataset made real-looking by a trained generator.
 
 Ray Data lists the dataset's images; an actor pool (one actor per GPU, else CPU actors) loads the
-synthetic -> real generator once per actor and translates batches at the images' full resolution
-(fp16 autocast on GPU). The output is a ready training set in the input's layout:
+synthetic -> real generator once per actor and translates batches (fp16 autocast on GPU). With
+`scale: train` (the default) each image is first resized by the factor training resized it by
+(the generator has only seen that scale), translated, and resized back to its own size; with
+`scale: full` it is translated at its full resolution. Labels are copied untouched either way. The output is a ready training set in the input's layout:
 
   <out>/<same relative image paths>   translated images (same names and format)
   <out>/<same relative label paths>   label maps, copied byte for byte
@@ -109,8 +111,10 @@ def read_generator(checkpoint_uri: str) -> dict:
         raise ValueError(f"{uri}: model state does not fit {ckpt['model_name']} {ckpt['model_config']} "
                          f"({str(e).splitlines()[0]})") from None
     gen = {k: v.clone() for k, v in model.generator_s2r().state_dict().items()}
+    meta = storage.join(checkpoint_uri, META)
+    size = storage.read_json(meta).get("image_size") if storage.exists(meta) else None
     return {"model_name": ckpt["model_name"], "model_config": dict(ckpt["model_config"]),
-            "step": ckpt.get("step"), "state": gen}
+            "step": ckpt.get("step"), "state": gen, "image_size": list(size) if size else None}
 
 
 def generator_from_payload(payload: dict, device="cpu"):
@@ -164,6 +168,32 @@ def translate_batch(gen, images: list[np.ndarray], multiple: int = 4, amp: bool 
     return out
 
 
+def training_scale(shape: tuple[int, int], train_size: tuple[int, int]) -> float:
+    """The factor training scaled an image of `shape` (H, W) by: it covers the training crop
+    (train.load_image), so the larger of the two ratios."""
+    return max(train_size[0] / shape[0], train_size[1] / shape[1])
+
+
+def translate_images(gen, images: list[np.ndarray], multiple: int = 4, amp: bool = True,
+                     train_size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """translate_batch at the training scale: each image is resized by `training_scale`, translated
+    and resized back to its own size (bicubic both ways). train_size None: at full resolution."""
+    from PIL import Image
+
+    if train_size is None:
+        return translate_batch(gen, images, multiple, amp)
+    scaled = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = training_scale((h, w), train_size)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        scaled.append(im if size == (w, h) else np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BICUBIC)))
+    out = translate_batch(gen, scaled, multiple, amp)
+    return [y if y.shape == im.shape else
+            np.asarray(Image.fromarray(y).resize((im.shape[1], im.shape[0]), Image.Resampling.BICUBIC))
+            for y, im in zip(out, images)]
+
+
 def decode_rgb(data: bytes, uri: str) -> np.ndarray:
     """uint8 RGB of an image file; unreadable or over the pixel limit: ImageError (a ValueError)."""
     from synreal_ray.datasets.images import decode_image
@@ -202,13 +232,14 @@ class Translator:
     """Ray Data actor: the generator is loaded once; each batch's images and labels are written
     whole, then the batch's journal part (named after its ids: a retried batch rewrites it)."""
 
-    def __init__(self, generator, journal: str, amp: bool = True, device: str = "cpu"):
+    def __init__(self, generator, journal: str, amp: bool = True, device: str = "cpu", scale: str = "train"):
         import ray
 
         if isinstance(generator, ray.ObjectRef):
             generator = ray.get(generator)
         self.gen, self.multiple = generator_from_payload(generator, device)
         self.journal, self.amp = journal, amp
+        self.train_size = tuple(generator["image_size"]) if scale == "train" else None
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
@@ -222,7 +253,7 @@ class Translator:
                 ok.append(i)
             except (ValueError, FileNotFoundError) as e:
                 errors.append(str(e))
-        translated = translate_batch(self.gen, images, self.multiple, self.amp)
+        translated = translate_images(self.gen, images, self.multiple, self.amp, self.train_size)
         rows = {k: [] for k, _ in MANIFEST_FIELDS}
         for i, y in zip(ok, translated):
             src = str(batch["image_uri"][i])
@@ -251,8 +282,11 @@ class TranslateConfig:
     actors: int | None = None
     amp: bool = True
     device: str = "auto"  # of the generator actors: auto (GPU when the cluster has one), cpu or cuda
+    scale: str = "train"  # train: at the scale the generator was trained at, then back to full size; full: as is
 
     def __post_init__(self):
+        if self.scale not in ("train", "full"):
+            raise ConfigError(f"{self.scale!r} is not one of train, full", "scale")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         if self.batch_size < 1:
@@ -291,7 +325,7 @@ def _progress(total: int, initial: int):
         return None
 
 
-def _manifest_from_journal(out: str, samples) -> "pa.Table":  # noqa: F821
+def _manifest_from_journal(out: str, samples) -> pa.Table:  # noqa: F821
     """One row per sample, in id order, from the journal; duplicates (a batch retried, or
     re-done by a resumed run while a killed one was still writing) are reconciled against the
     object actually stored."""
@@ -329,7 +363,7 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
     fs, path = storage.resolve(storage.join(ckpt, STATE))
     st = fs.get_file_info(path)  # size and time stand in for the weights: a re-saved checkpoint re-translates
     settings = {"checkpoint": ckpt, "checkpoint_state": [st.size, st.mtime_ns], "dataset": cfg.dataset,
-                "layout": cfg.layout, "split": cfg.split, "amp": cfg.amp,
+                "layout": cfg.layout, "split": cfg.split, "amp": cfg.amp, "scale": cfg.scale,
                 "listing": hashlib.sha1("\n".join(f"{s.id}|{s.image_uri}|{s.label_uri}" for s in samples).encode()).hexdigest()}
     out = cfg.out if storage.is_s3(cfg.out) else os.path.abspath(cfg.out)
     # The journal belongs to one run (checkpoint, dataset listing, settings): another run clears it.
@@ -359,9 +393,13 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
         actors, resources, device = actor_resources(cfg.actors, cfg.device)
         blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
         actors = min(actors, blocks)  # an actor without a block would only cost its start-up
-        payload = ray.put(read_generator(ckpt))
+        generator = read_generator(ckpt)
+        if cfg.scale == "train" and not generator["image_size"]:
+            raise ValueError(f"{ckpt}: its meta.json records no training image_size; translate with scale full")
+        payload = ray.put(generator)
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        kwargs = {"generator": payload, "amp": cfg.amp, "device": device, "journal": storage.join(out, JOURNAL)}
+        kwargs = {"generator": payload, "amp": cfg.amp, "device": device, "journal": storage.join(out, JOURNAL),
+                  "scale": cfg.scale}
         results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
                                  compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
                                  batch_format="numpy", **resources)

@@ -58,8 +58,8 @@ class SearchSpace:
                 raise ConfigError("needs at least one value", name)
         if not set(self.model) <= {"unit", "cyclegan"}:
             raise ConfigError(f"{self.model}: models are unit and cyclegan", "model")
-        if not set(self.weighting) <= {"loss", "sampling", "none"}:
-            raise ConfigError(f"{self.weighting}: weightings are loss, sampling and none", "weighting")
+        if not set(self.weighting) <= {"loss", "source", "sampling", "none"}:
+            raise ConfigError(f"{self.weighting}: weightings are loss, source, sampling and none", "weighting")
 
 
 
@@ -214,7 +214,8 @@ def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection
     cp = cache_paths(cfg, params["levels"], params["sigma"])
     pairs = storage.join(trial_dir, "pairs")
     run_pairs(PairsConfig(syn=cp["syn"], real=cp["real"], weights=cp["kliep"], out=pairs, k=params["k"],
-                          max_distance=cfg.pairs.max_distance, index=cfg.pairs.index))
+                          max_distance=cfg.pairs.max_distance, index=cfg.pairs.index, query=cfg.pairs.query,
+                          max_uses=cfg.pairs.max_uses))
     weights, _ = inception_weights(cfg)
     real_img = image_root(cfg.data.real, cfg.data.real_layout, cfg.data.real_split)
     run = tcfg.runs[0]

@@ -27,11 +27,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synreal_ray import features as features_module
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError
-from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, sample_features
+from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, num_rows, sample_features
 from synreal_ray.kliep import (
-    KliepResult, clip_weights, effective_sample_size, fit_kliep, gaussian_kernel, kernel_column_mean, solve_kliep)
+    KliepResult,
+    clip_weights,
+    effective_sample_size,
+    fit_kliep,
+    gaussian_kernel,
+    kernel_column_mean,
+    solve_kliep,
+)
 from synreal_ray.stage import Stage
 
 # Kernel rows smaller than this are read once and kept in memory; larger ones are streamed from
@@ -83,7 +91,11 @@ def _kernel_rows(batch: pa.Table, centers: np.ndarray, sigma: float, out: str) -
 
 
 def compute_kernel_rows(features: str, centers: np.ndarray, sigma: float, out: str) -> int:
-    """Distributed: K(x, centres) for every row of a features output, stored under `out`."""
+    """K(x, centres) for every row of a features output, stored under `out`: by Ray Data, or on
+    the driver for a small output (features.DRIVER_ROWS)."""
+    if num_rows(features) <= features_module.DRIVER_ROWS:
+        table = storage.read_table(storage.join(features, "features"), columns=["id", "feature"])
+        return int(_kernel_rows(table, centers.astype(np.float32), sigma, out)["rows"].sum())
     ds = features_dataset(features, columns=("id", "feature"))
     summary = ds.map_batches(_kernel_rows, fn_kwargs={"centers": centers.astype(np.float32), "sigma": sigma, "out": out},
                              batch_format="pyarrow", batch_size=4096)

@@ -89,7 +89,7 @@ class WeedServer:
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}", f"-filer.localSocket={d}/filer.sock",
             "-s3", f"-s3.port={S3_PORT}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={d}/s3.json",
             f"-s3.localSocket={d}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
+            "-master.volumeSizeLimitMB=64", "-volume.max=3000", "-volume.preStopSeconds=0",
         ]
         self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
                                    aws_secret_access_key=S3_SECRET, region_name="us-east-1")
@@ -109,7 +109,7 @@ class WeedServer:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.proc.kill()
                     raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'server.log'}:\n"
-                                       + (self.root / "server.log").read_text()[-2000:])
+                                       + (self.root / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
 
     def stop(self, kill: bool = False) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -24,7 +24,7 @@ class Inner:
 class Outer:
     name: str
     kind: Literal["a", "b"] = "a"
-    size: Optional[int] = None
+    size: int | None = None
     flag: bool = False
     levels: tuple[int, ...] = (1, 2)
     pair: tuple[int, str] = (1, "x")

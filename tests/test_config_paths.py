@@ -6,8 +6,9 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO
 from synreal_ray.config import ConfigError, apply_overrides, from_dict, parse_assignments
+
+from conftest import REPO
 
 
 @pytest.fixture

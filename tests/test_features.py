@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_cli
 from synreal_ray import storage
 from synreal_ray.cli import main
 from synreal_ray.datasets.demo import make_demo_data
 from synreal_ray.datasets.labels import to_train_ids
 from synreal_ray.features import FeaturesConfig, features_meta, load_features, run_features
 from synreal_ray.spfeat import sp_feat
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

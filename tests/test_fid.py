@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import RUN_DIR
 from synreal_ray import fid, storage
+
+from conftest import RUN_DIR
 
 N = 72  # > 64 dims: full-rank covariances, no small-sample warning
 

@@ -96,7 +96,7 @@ def test_kuberay_security_context_on_every_container(rel):
             sc = c.get("securityContext") or {}
             label = f"{rel} {where}/{c['name']}"
 
-            def effective(key):
+            def effective(key, sc=sc, pod_sc=pod_sc):
                 return sc.get(key, pod_sc.get(key))
 
             assert effective("runAsNonRoot") is True, f"{label}: runAsNonRoot"

@@ -205,3 +205,94 @@ def test_gpu_flat_equals_brute_force(rng, with_duplicates):
     queries = rng.random((200, 64), dtype=np.float32)
     ivf = KnnIndex(real, "ivf", nlist=64, nprobe=64, device="cuda")
     assert measure_recall(ivf, real, queries, 10) == 1.0
+
+
+# --- assign_capped: the --max-uses assignment of the pairs stage (query real) ---
+
+from synreal_ray.knn import assign_capped  # noqa: E402
+
+
+def edges_of(dist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (query, target, distance) edges of a dense (n_queries, n_targets) distance matrix."""
+    q, t = np.indices(dist.shape)
+    return q.ravel(), t.ravel(), dist.ravel()
+
+
+def kept(q, t, keep) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for a, b in zip(q[keep], t[keep]):
+        out.setdefault(int(a), []).append(int(b))
+    return {a: sorted(b) for a, b in out.items()}
+
+
+def test_assign_capped_gives_surplus_queries_their_next_nearest():
+    # Every query's nearest two are t0, t1; with max_uses 2 they stay with q0 and q1 (closest),
+    # and q2, q3 each get their next nearest free targets, t2 and t3; nobody needs t4.
+    dist = np.array([
+        [0.10, 0.20, 0.90, 0.95, 0.99],
+        [0.15, 0.25, 0.50, 0.60, 0.70],
+        [0.30, 0.35, 0.40, 0.45, 0.80],
+        [0.32, 0.33, 0.34, 0.36, 0.38],
+    ])
+    q, t, d = edges_of(dist)
+    assert kept(q, t, assign_capped(q, t, d, k=2, max_uses=2)) == {0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
+    assert kept(q, t, assign_capped(q, t, d, k=2)) == {i: [0, 1] for i in range(4)}  # no cap: plain KNN
+    # K = 1, cap 1: t0 to q0; t1 to q1 (0.25 beats q3's 0.33, q2's 0.35); q2 and q3 both want t2
+    # next: q3 is closer (0.34 < 0.40), so q2 moves on to t3
+    assert kept(q, t, assign_capped(q, t, d, k=1, max_uses=1)) == {0: [0], 1: [1], 2: [3], 3: [2]}
+
+
+def test_assign_capped_ties_by_query_then_target_and_short_lists():
+    # three queries at the same distance from t0 (cap 1): the lowest query keeps it, the others
+    # move on in query order; the last has only two candidates and they are taken: it gets none.
+    q = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    t = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    d = np.array([1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0])
+    assert kept(q, t, assign_capped(q, t, d, k=1, max_uses=1)) == {0: [0], 1: [1]}
+    # the input order of the edges does not matter
+    perm = np.random.default_rng(0).permutation(q.size)
+    assert kept(q[perm], t[perm], assign_capped(q[perm], t[perm], d[perm], k=1, max_uses=1)) == {0: [0], 1: [1]}
+
+
+@pytest.mark.parametrize("max_uses", [1, 2, 3, None])
+def test_assign_capped_respects_the_cap_and_is_greedy(rng, max_uses):
+    """Random candidate lists (with tied distances): no target over max_uses, no query over k, and
+    every rejected edge was rejected for a reason: its query or its target was already full with
+    edges that come earlier in (distance, query, target) order."""
+    n_q, n_t, c, k = 60, 40, 12, 4
+    q = np.repeat(np.arange(n_q), c)
+    t = np.concatenate([rng.choice(n_t, c, replace=False) for _ in range(n_q)])
+    d = rng.integers(0, 20, q.size).astype(np.float64) / 10  # many ties
+    keep = assign_capped(q, t, d, k=k, max_uses=max_uses)
+    uses, per_q = np.bincount(t[keep], minlength=n_t), np.bincount(q[keep], minlength=n_q)
+    assert per_q.max() <= k and (max_uses is None or uses.max() <= max_uses)
+    if max_uses is not None:
+        assert uses.max() == max_uses  # the cap binds here (60 * 4 edges wanted, 40 targets)
+    key = np.lexsort((t, q, d))
+    pos = np.empty(q.size, dtype=int)
+    pos[key] = np.arange(q.size)
+    for e in np.flatnonzero(~keep):
+        q_full = np.count_nonzero(keep & (q == q[e]) & (pos < pos[e])) == k
+        t_full = max_uses is not None and np.count_nonzero(keep & (t == t[e]) & (pos < pos[e])) == max_uses
+        assert q_full or t_full, f"edge {e} rejected without a full query or target"
+    # a query keeps fewer than k only when its candidates ran out (all its other targets full)
+    for a in np.flatnonzero(per_q < k):
+        assert max_uses is not None and all(uses[b] == max_uses for b in t[(q == a) & ~keep])
+
+
+def test_assign_capped_without_cap_is_the_k_nearest(rng):
+    real, queries = spfeat_like(50, rng), spfeat_like(20, rng)
+    dist, idx = brute_force_knn(real, queries, 10)
+    q = np.repeat(np.arange(20), 10)
+    keep = assign_capped(q, idx.ravel(), dist.ravel(), k=4)
+    np.testing.assert_array_equal(idx.ravel()[keep].reshape(20, 4), idx[:, :4])
+    # a cap that never binds gives the same
+    np.testing.assert_array_equal(assign_capped(q, idx.ravel(), dist.ravel(), k=4, max_uses=1000), keep)
+
+
+def test_assign_capped_errors():
+    with pytest.raises(ValueError, match="1-D of one length"):
+        assign_capped([0, 1], [0], [0.0, 1.0], k=1)
+    with pytest.raises(ValueError, match=">= 1"):
+        assign_capped([0], [0], [0.0], k=1, max_uses=0)
+    assert assign_capped([], [], [], k=2, max_uses=1).size == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synreal_ray.models import CycleGAN, UNIT, build_model, default_config
+from synreal_ray.models import UNIT, CycleGAN, build_model, default_config
 from synreal_ray.models.blocks import ImagePool
 from synreal_ray.models.losses import kl_per_sample, l1_per_sample, lsgan_loss, weighted_mean
 
@@ -165,9 +165,9 @@ def test_zero_weight_samples_leave_gradients_unchanged(name):
     xs2, xr2 = xs.clone(), xr.clone()
     xs2[1] = -images(1, 3)[0]
     xr2[2] = torch.rand(3, H, W) * 2 - 1
-    l, g, d = run(xs2, xr2)
+    losses, g, d = run(xs2, xr2)
     for k in base_l:
-        assert torch.allclose(l[k], base_l[k], rtol=1e-6, atol=1e-8), k
+        assert torch.allclose(losses[k], base_l[k], rtol=1e-6, atol=1e-8), k
     for a, b in zip(g + d, base_g + base_d):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
     # control: the same change to a sample of non-zero weight does change the gradients

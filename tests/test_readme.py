@@ -42,7 +42,7 @@ SIZE_OVERRIDES: dict[str, list[str]] = {
         "--set", "train.steps=2", "--set", "fid.dims=64",
         "--set", "runs=[{name: unit-method, model: unit, pairing: spfeat, weighting: loss}]"],
     "synreal tune --config configs/sweep.yaml": [
-        "--set", "tune.space.k=[3]", "--set", "tune.space.levels=['1,2']", "--set", "tune.space.sigma=[null]",
+        "--set", "tune.space.k=[3]", "--set", "tune.space.levels=['1,2', '2x4']", "--set", "tune.space.sigma=[null]",
         "--set", "tune.space.weighting=[loss]", "--set", "tune.milestones=[2]", "--set", "tune.val_images=4",
         "--set", "fid.dims=64"],
     "synreal train": ["--steps", "2"],
@@ -136,14 +136,19 @@ def test_readme_usage_commands_run_as_written(tmp_path, ray_cluster):
         assert p.returncode == 0, (f"README command failed ({p.returncode}): {line}\n(run as {shlex.join(cmd)})\n"
                                    f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
         if words[:2] == ["synreal", "tune"]:
-            assert re.search(r"sweep of 1 trial\b", p.stderr), p.stderr[-3000:]
+            assert re.search(r"sweep of 2 trials\b", p.stderr), p.stderr[-3000:]
             assert "first trial finished in" in p.stderr
 
     sweep = work / "out" / "sweep"
     with open(sweep / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows and all(float(r["fid"]) >= 0 and not r["error"] for r in rows)
+    assert len(rows) == 2 and all(float(r["fid"]) >= 0 and not r["error"] for r in rows)
+    assert {r["levels"] for r in rows} == {"1,2", "2x4"}
+    assert [float(r["fid"]) for r in rows] == sorted(float(r["fid"]) for r in rows)  # best first
+    md = (sweep / "results.md").read_text()
+    assert len([line for line in md.splitlines() if line.startswith("| ") and "rank" not in line]) == 2
     best = yaml.safe_load((sweep / "best.yaml").read_text())
     assert os.path.realpath(best["out"]) == os.path.realpath(sweep / "best-run") and best["train"]["steps"] == 2
+    assert best["pairs"]["k"] == int(rows[0]["k"]) and best["features"]["levels"] == rows[0]["levels"]
     assert (sweep / "best-run" / "report.md").exists()
     assert (work / "out" / "demo" / "report.md").exists() and (work / "out" / "translated" / "manifest.parquet").exists()

@@ -304,3 +304,164 @@ def test_validation(pairs):
         SmartBatchSampler(pairs, real_ids=ALL_REALS[:10], batch_size=4)
     with pytest.raises(ValueError, match="no real ids"):
         SmartBatchSampler(syn_ids=ALL_SYNS, batch_size=4, pairing="random")
+
+
+# --- query "real" (paper 000, 3.2.1): every real image once per epoch, its synthetic neighbour ∝ w_use
+
+N_RQ = 24  # real images that query; reals 24..59 have no list (not visited)
+
+
+def make_real_query_pairs(seed: int = 0) -> dict[str, np.ndarray]:
+    """K synthetic neighbours per real image, drawn from the first 12 synthetic images with skewed
+    probabilities (so uses differ a lot), with w_use = 1/uses normalised to mean 1 over used ones."""
+    rng = np.random.default_rng(seed)
+    w_syn, w_real = rng.uniform(0.1, 3.0, N_SYN), rng.uniform(0.1, 3.0, N_REAL)
+    p = np.linspace(1, 6, 12)
+    rows = [(s, r, rank) for r in range(N_RQ) for rank, s in enumerate(rng.choice(12, K, replace=False, p=p / p.sum()))]
+    s, r, rank = (np.array(c) for c in zip(*rows))
+    uses = np.bincount(s, minlength=N_SYN)
+    inv = np.where(uses > 0, 1.0 / np.maximum(uses, 1), 0.0)
+    w_use = inv / inv[uses > 0].mean()
+    return {"syn_id": np.array([f"syn{i:03d}" for i in s]), "real_id": np.array([f"real{i:03d}" for i in r]),
+            "rank": rank, "distance": 0.1 * (rank + 1.0), "w_syn": w_syn[s], "w_real": w_real[r], "w_use": w_use[s]}
+
+
+@pytest.fixture
+def rq_pairs():
+    return make_real_query_pairs()
+
+
+def syn_lists(pairs) -> dict[str, dict[str, float]]:
+    """real id -> {synthetic neighbour: w_use}."""
+    out: dict[str, dict[str, float]] = {}
+    for s, r, w in zip(pairs["syn_id"], pairs["real_id"], pairs["w_use"]):
+        out.setdefault(str(r), {})[str(s)] = float(w)
+    return out
+
+
+def test_query_is_read_off_the_table(pairs, rq_pairs):
+    assert SmartBatchSampler(rq_pairs, batch_size=4).query == "real"
+    assert SmartBatchSampler(pairs, batch_size=4).query == "syn"
+    assert SmartBatchSampler(rq_pairs, batch_size=4, query="syn").query == "syn"  # explicit wins
+    with pytest.raises(ValueError, match="unknown query 'both'"):
+        SmartBatchSampler(rq_pairs, batch_size=4, query="both")
+
+
+@pytest.mark.parametrize("weighting", ["loss", "source", "none"])
+def test_real_query_epoch_draws_every_real_image_once(rq_pairs, weighting):
+    lists = syn_lists(rq_pairs)
+    sampler = SmartBatchSampler(rq_pairs, real_ids=ALL_REALS, batch_size=8, weighting=weighting, seed=4)
+    assert sampler.n_anchors == N_RQ and sampler.steps_per_epoch == 3
+    epochs = []
+    for _ in range(3):
+        batches = take(sampler, 3)
+        ids = [r for b in batches for r in b.real_ids]
+        assert sorted(ids) == sorted(lists)  # each real image with a list exactly once, no others
+        assert all(s in lists[r] for b in batches for s, r in zip(b.syn_ids, b.real_ids))
+        assert not any(b.real_random.any() for b in batches)  # real_random_share does not apply
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    assert sampler.epoch == 3 and sampler.steps == 9
+
+
+def test_real_query_synthetic_draws_follow_w_use(rq_pairs):
+    """Over E epochs each real image r is drawn E times and gives neighbour s with probability
+    w_use[s] / sum of w_use over r's list: the exact expected counts, chi-square against them."""
+    from scipy.stats import chisquare
+
+    lists = syn_lists(rq_pairs)
+    epochs = 1500
+    sampler = SmartBatchSampler(rq_pairs, batch_size=N_RQ, weighting="none", seed=9)
+    got: dict[tuple[str, str], int] = {}
+    for b in take(sampler, epochs):
+        for s, r in zip(b.syn_ids, b.real_ids):
+            got[(r, s)] = got.get((r, s), 0) + 1
+    keys = [(r, s) for r in sorted(lists) for s in sorted(lists[r])]
+    observed = np.array([got.get(key, 0) for key in keys], dtype=float)
+    expected = np.array([epochs * lists[r][s] / sum(lists[r].values()) for r, s in keys])
+    assert chisquare(observed, expected).pvalue > 1e-3
+    # The test has power: uniform over each list (what query syn does over ranks) is rejected.
+    uniform = np.array([epochs / len(lists[r]) for r, _ in keys])
+    assert chisquare(observed, uniform).pvalue < 1e-6
+    # and the over-used synthetic images are drawn less often than their share of the lists
+    per_syn = {}
+    for (_, s), n in got.items():
+        per_syn[s] = per_syn.get(s, 0) + n
+    uses = {s: sum(s in lst for lst in lists.values()) for s in per_syn}
+    most, least = max(uses, key=uses.get), min(uses, key=uses.get)
+    assert per_syn[most] / uses[most] < per_syn[least] / uses[least]
+
+
+def test_real_query_loss_and_source_weights(rq_pairs):
+    w_syn = {str(s): float(w) for s, w in zip(rq_pairs["syn_id"], rq_pairs["w_syn"])}
+    w_real = {str(r): float(w) for r, w in zip(rq_pairs["real_id"], rq_pairs["w_real"])}
+    loss = SmartBatchSampler(rq_pairs, batch_size=16, weighting="loss", seed=2)
+    source = SmartBatchSampler(rq_pairs, batch_size=16, weighting="source", seed=2)
+    for a, b in zip(take(loss, 10), take(source, 10)):
+        assert a.syn_ids == b.syn_ids and a.real_ids == b.real_ids  # same draws, only the weights differ
+        np.testing.assert_allclose(a.w_syn, [w_syn[s] for s in a.syn_ids], rtol=1e-6)
+        np.testing.assert_allclose(a.w_real, [w_real[r] for r in a.real_ids], rtol=1e-6)  # eq. 12: psi
+        np.testing.assert_array_equal(b.w_syn, a.w_syn)
+        assert (b.w_real == 1).all()  # eq. 13: the real side unweighted
+
+
+def test_source_weighting_with_syn_query_pairs(pairs):
+    w_syn, _ = table_weights(pairs)
+    for b in take(SmartBatchSampler(pairs, real_ids=ALL_REALS, batch_size=16, weighting="source", seed=1), 10):
+        np.testing.assert_allclose(b.w_syn, [w_syn[s] for s in b.syn_ids], rtol=1e-6)
+        assert (b.w_real == 1).all()
+
+
+def test_real_query_sampling_mode_draws_reals_by_psi(rq_pairs):
+    w_real = {str(r): float(w) for r, w in zip(rq_pairs["real_id"], rq_pairs["w_real"])}
+    sampler = SmartBatchSampler(rq_pairs, batch_size=64, weighting="sampling", seed=11)
+    counts = dict.fromkeys(w_real, 0)
+    for b in take(sampler, 500):  # 32,000 draws
+        assert (b.w_syn == 1).all() and (b.w_real == 1).all()
+        for r in b.real_ids:
+            counts[r] += 1
+    p = np.array([w_real[r] for r in counts]) / sum(w_real.values())
+    freq = np.array(list(counts.values())) / 32000
+    assert (np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / 32000)).all()
+
+
+@pytest.mark.parametrize("weighting", ["loss", "source", "sampling", "none"])
+def test_real_query_checkpoint_restore_continues_the_same_sequence(rq_pairs, weighting):
+    def build(seed=7):
+        return SmartBatchSampler(rq_pairs, real_ids=ALL_REALS, batch_size=10, weighting=weighting, seed=seed)
+
+    sampler = build()
+    take(sampler, 5)  # 50 draws of 24: mid-epoch
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = take(sampler, 6)  # crosses epoch boundaries
+    resumed = build(seed=999)
+    resumed.load_state_dict(state)
+    assert resumed.steps == 5 and resumed.epoch == state["epoch"] == 2
+    assert same(take(resumed, 6), expected)
+    # a state of the same table read as query syn, or with other w_use, is refused
+    with pytest.raises(ValueError, match="query"):
+        SmartBatchSampler(rq_pairs, real_ids=ALL_REALS, batch_size=10, weighting=weighting, query="syn").load_state_dict(state)
+    other = {**rq_pairs, "w_use": np.ones(len(rq_pairs["w_use"]))}
+    with pytest.raises(ValueError, match="data_sha256"):
+        SmartBatchSampler(other, real_ids=ALL_REALS, batch_size=10, weighting=weighting).load_state_dict(state)
+
+
+def test_real_query_row_order_does_not_matter(rq_pairs):
+    perm = np.random.default_rng(0).permutation(len(rq_pairs["syn_id"]))
+    shuffled = {k: v[perm] for k, v in rq_pairs.items()}
+    assert same(take(SmartBatchSampler(rq_pairs, batch_size=16, seed=1), 10),
+                take(SmartBatchSampler(shuffled, batch_size=16, seed=1), 10))
+
+
+def test_real_query_validation(rq_pairs):
+    w = rq_pairs["w_use"].copy()
+    w[0] += 1
+    with pytest.raises(ValueError, match="w_use differs between rows of the same id"):
+        SmartBatchSampler({**rq_pairs, "w_use": w}, batch_size=4)
+    with pytest.raises(ValueError, match="w_use must be finite"):
+        SmartBatchSampler({**rq_pairs, "w_use": -rq_pairs["w_use"]}, batch_size=4)
+    dup = {k: np.concatenate([v, v[:1]]) for k, v in rq_pairs.items()}
+    with pytest.raises(ValueError, match="repeats the pair"):
+        SmartBatchSampler(dup, batch_size=4)
+    with pytest.raises(ValueError, match="every real weight is 0"):
+        SmartBatchSampler({**rq_pairs, "w_real": np.zeros(len(rq_pairs["w_real"]))}, batch_size=4, weighting="sampling")

@@ -25,9 +25,24 @@ from synreal_ray.config import from_dict
 from synreal_ray.datasets.labels import LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import list_dataset
 from synreal_ray.segment import (
-    SegmentConfig, build_segmenter, check_crop, confusion_matrix, iou_from_confusion, load_backbone,
-    load_segmenter, plan_steps, predict, read_backbone, read_sample, recalibrate_bn, run_folder, run_segment,
-    scores, segmenter_checkpoint, to_input)
+    SegmentConfig,
+    build_segmenter,
+    check_crop,
+    confusion_matrix,
+    iou_from_confusion,
+    load_backbone,
+    load_segmenter,
+    plan_steps,
+    predict,
+    read_backbone,
+    read_sample,
+    recalibrate_bn,
+    run_folder,
+    run_segment,
+    scores,
+    segmenter_checkpoint,
+    to_input,
+)
 from synreal_ray.train import list_checkpoints, read_metrics
 from test_train import Killer, record_steps  # the same kill-a-worker machinery as the GAN training tests
 

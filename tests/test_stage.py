@@ -15,9 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import run_cli
 from synreal_ray import storage
 from synreal_ray.stage import LEASE, MARKER, OutputError, Stage, check_output, fingerprint
+
+from conftest import run_cli
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -251,8 +252,9 @@ def test_local_writes_leave_no_temporary_and_use_a_hidden_name(tmp_path, monkeyp
 def test_a_sweep_restores_only_the_same_sweep(tmp_path):
     """Tune's folder of an interrupted sweep is continued only with the same settings; another
     sweep's remains are refused unless forced, which clears them (never the data)."""
-    from conftest import REPO
     from synreal_ray.tune import load_sweep_config, same_sweep
+
+    from conftest import REPO
 
     out = tmp_path / "sweep"
     cfg, tune_cfg = load_sweep_config(str(REPO / "configs" / "sweep.yaml"), {"out": str(out)})

@@ -20,15 +20,29 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import run_cli
 from synreal_ray import storage
 from synreal_ray.cli import main
 from synreal_ray.config import apply_overrides
 from synreal_ray.datasets.layouts import list_dataset
 from synreal_ray.models import build_model
 from synreal_ray.train import (
-    MetricsLog, TrainConfig, check_resumable, latest_checkpoint, list_checkpoints, load_generator,
-    load_steps, prepare_data, read_metrics, read_pairs, read_state, run_folder, run_train, step_rows)
+    MetricsLog,
+    TrainConfig,
+    check_resumable,
+    latest_checkpoint,
+    list_checkpoints,
+    load_generator,
+    load_steps,
+    prepare_data,
+    read_metrics,
+    read_pairs,
+    read_state,
+    run_folder,
+    run_train,
+    step_rows,
+)
+
+from conftest import run_cli
 
 TINY = {
     "unit": dict(base_channels=8, n_res=2, n_shared=1, dis_channels=8, dis_layers=2, dis_scales=2),

@@ -19,8 +19,17 @@ from PIL import Image
 from synreal_ray import storage
 from synreal_ray.datasets.layouts import list_dataset
 from synreal_ray.models import build_model
-from synreal_ray.translate import (MANIFEST, TranslateConfig, encode_image, load_generator, resolve_checkpoint,
-                                   run_translate, translate_batch)
+from synreal_ray.translate import (
+    MANIFEST,
+    TranslateConfig,
+    encode_image,
+    load_generator,
+    resolve_checkpoint,
+    run_translate,
+    training_scale,
+    translate_batch,
+    translate_images,
+)
 
 from conftest import RUN_DIR
 
@@ -29,7 +38,7 @@ TINY = dict(base_channels=8, n_res=2, dis_channels=8, pool_size=4, pool_seed=0)
 SLOWER = dict(base_channels=32, n_res=4, dis_channels=8, pool_size=4, pool_seed=0)
 
 
-def save_checkpoint(folder: str, step: int, seed: int, config=TINY, name="cyclegan"):
+def save_checkpoint(folder: str, step: int, seed: int, config=TINY, name="cyclegan", image_size=(64, 128)):
     """A checkpoint in the training stage's contract: state.pt + meta.json."""
     torch.manual_seed(seed)
     model = build_model(name, **config)
@@ -38,7 +47,7 @@ def save_checkpoint(folder: str, step: int, seed: int, config=TINY, name="cycleg
                 "schedulers": {}, "sampler": {}, "step": step}, buf)
     storage.write_bytes(storage.join(folder, "state.pt"), buf.getvalue())
     storage.write_json(storage.join(folder, "meta.json"),
-                       {"step": step, "model_name": name, "model_config": config, "image_size": [64, 128]})
+                       {"step": step, "model_name": name, "model_config": config, "image_size": list(image_size)})
     return model
 
 
@@ -124,7 +133,44 @@ def test_translate_batch_any_size():
     assert encode_image(out[1], "a.png")[:4] == b"\x89PNG" and encode_image(out[1], "a.jpg")[:2] == b"\xff\xd8"
 
 
+def test_translate_images_at_the_training_scale():
+    assert training_scale((1440, 2560), (256, 512)) == pytest.approx(0.2)  # covers the crop: the larger ratio
+    torch.manual_seed(0)
+    gen = build_model("cyclegan", **TINY).generator_s2r().eval()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (64, 128, 3), dtype=np.uint8), rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)]
+    out = translate_images(gen, images, multiple=4, train_size=(32, 64))
+    assert [o.shape for o in out] == [im.shape for im in images]
+    # the first by hand: down to the training scale, translated there, back up to its own size
+    small = np.asarray(Image.fromarray(images[0]).resize((64, 32), Image.Resampling.BICUBIC))
+    back = Image.fromarray(translate_batch(gen, [small], multiple=4)[0]).resize((128, 64), Image.Resampling.BICUBIC)
+    assert np.array_equal(out[0], np.asarray(back))
+    assert not np.array_equal(out[0], translate_batch(gen, images[:1], multiple=4)[0])  # not the full-size result
+    # at the training scale already (or without a training size): the plain full-resolution translation
+    assert np.array_equal(translate_images(gen, images[:1], train_size=(64, 128))[0], translate_batch(gen, images[:1])[0])
+    assert np.array_equal(translate_images(gen, images[:1])[0], translate_batch(gen, images[:1])[0])
+    with pytest.raises(ValueError, match="scale"):
+        TranslateConfig(checkpoint="c", dataset="d", layout="synscapes", out="o", scale="half")
+
+
 # --- on Ray -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_scale_train_keeps_sizes_and_labels(ray_cluster, demo_data, tmp_path):
+    """A generator trained at 32x64 translates the 64x128 demo images at 32x64 and returns them at
+    64x128; labels are byte-identical (check_output)."""
+    ckpt = str(tmp_path / "ckpt")
+    model = save_checkpoint(ckpt, 1, seed=5, image_size=(32, 64))
+    out = str(tmp_path / "out")
+    run_translate(TranslateConfig(checkpoint=ckpt, dataset=str(demo_data / "syn"), layout="synscapes", out=out,
+                                  batch_size=8, actors=1))
+    check_output(out, str(demo_data / "syn"), "synscapes")
+    src, _ = list_dataset(str(demo_data / "syn"), "synscapes")
+    got, _ = list_dataset(out, "synscapes")
+    image = np.asarray(Image.open(src[0].image_uri).convert("RGB"))
+    want = translate_images(model.generator_s2r().eval(), [image], multiple=4, train_size=(32, 64))[0]
+    assert np.array_equal(np.asarray(Image.open(got[0].image_uri).convert("RGB")), want)
+
 
 @pytest.mark.slow
 def test_translate_local_layouts_and_idempotent(ray_cluster, demo_data, run_dir, tmp_path):

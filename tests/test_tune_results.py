@@ -12,7 +12,7 @@ from test_pipeline import tiny_config
 def test_failed_trials_are_one_line_rows_with_traceback_files(demo_data, tmp_path, ray_cluster, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     doc = tiny_config(demo_data, "out/sweep")  # relative: resolved against this directory, once
-    # K larger than the 16 real images: every trial fails in its pairs stage, before training.
+    # K larger than the 24 synthetic images each real image queries: every trial fails in its pairs stage.
     doc["tune"] = {"space": {"k": [40, 50], "levels": ["1,2"], "sigma": [1.0], "model": ["unit"],
                              "weighting": ["loss"]},
                    "milestones": [2], "val_images": 4}
@@ -29,7 +29,7 @@ def test_failed_trials_are_one_line_rows_with_traceback_files(demo_data, tmp_pat
         rows = list(csv.DictReader(f))
     assert sorted(int(r["k"]) for r in rows) == [40, 50]
     for r in rows:
-        assert r["fid"] == "" and r["error"].startswith(f"ValueError: --k {r['k']} is larger than the real set")
+        assert r["fid"] == "" and r["error"].startswith(f"ValueError: --k {r['k']} is larger than the synthetic set")
         assert "\n" not in r["error"]
         trace = (out / r["traceback"]).read_text()
         assert "run_pairs" in trace and "line" in trace and f"ValueError: --k {r['k']}" in trace  # the trial's frames

@@ -13,9 +13,9 @@ import pytest
 from synreal_ray import storage
 from synreal_ray.features import FeaturesConfig, load_features, run_features
 from synreal_ray.translate import TranslateConfig, run_translate
+from test_translate import run_dir  # noqa: F401  (a fixture: a training run's checkpoints)
 
 from test_faults import check_translation, report, survive
-from test_translate import run_dir  # noqa: F401  (a fixture: a training run's checkpoints)
 
 pytestmark = pytest.mark.slow
 
