@@ -89,6 +89,8 @@ class WeedServer:
             f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}", f"-filer.localSocket={d}/filer.sock",
             "-s3", f"-s3.port={S3_PORT}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.config={d}/s3.json",
             f"-s3.localSocket={d}/s3.sock", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Each bucket is a collection that grows 7 volumes: with 1 GB volumes and the automatic
+            # slot count the server held ~10 buckets, then failed uploads with INTERNAL_FAILURE.
             "-master.volumeSizeLimitMB=64", "-volume.max=3000", "-volume.preStopSeconds=0",
         ]
         self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
