@@ -272,13 +272,18 @@ def num_rows(uri: str) -> int:
     return int(storage.read_json(storage.join(uri, "stage.json"))["rows"])
 
 
+def fits_driver(uri: str) -> bool:
+    """Whether a published features output is small enough to process on the driver (DRIVER_ROWS)."""
+    return num_rows(uri) <= DRIVER_ROWS
+
+
 def sample_features(uri: str, n: int, seed: int = 0) -> np.ndarray:
     """Up to `n` feature rows drawn at random (deterministic for a seed) without loading the rest;
     all rows in id order when there are at most `n`."""
-    rows = num_rows(uri)
-    if rows <= DRIVER_ROWS:
+    if fits_driver(uri):
         x = load_features(uri)["feature"]
     else:
+        rows = num_rows(uri)
         ds = features_dataset(uri, columns=("id", "feature"))
         if n < rows:
             ds = ds.random_sample(min(1.0, 1.3 * n / rows), seed=seed)  # a margin, then cut to n

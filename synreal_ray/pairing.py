@@ -268,7 +268,7 @@ def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
     if totals["pairs"] == 0:
         raise ValueError(f"--max-distance {cfg.max_distance} dropped every pair (smallest distances are larger)")
     report = quality_report(cfg, indexed)
-    pairs = load_pairs_unpublished(cfg.out)
+    pairs = table if cfg.query == "real" else load_pairs_unpublished(cfg.out)  # query syn: written by the actors
     report.update(pairs=int(totals["pairs"]), dropped_by_max_distance=int(totals["dropped"]),
                   mean_distance_all=float(totals["distance_sum"] / totals["pairs"]), max_uses=cfg.max_uses,
                   **pairing_stats(pairs, sides["syn"]["id"], sides["real"]["id"], cfg.k),

@@ -27,10 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synreal_ray import features as features_module
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError
-from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, num_rows, sample_features
+from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, fits_driver, sample_features
 from synreal_ray.kliep import (
     KliepResult,
     clip_weights,
@@ -93,7 +92,7 @@ def _kernel_rows(batch: pa.Table, centers: np.ndarray, sigma: float, out: str) -
 def compute_kernel_rows(features: str, centers: np.ndarray, sigma: float, out: str) -> int:
     """K(x, centres) for every row of a features output, stored under `out`: by Ray Data, or on
     the driver for a small output (features.DRIVER_ROWS)."""
-    if num_rows(features) <= features_module.DRIVER_ROWS:
+    if fits_driver(features):
         table = storage.read_table(storage.join(features, "features"), columns=["id", "feature"])
         return int(_kernel_rows(table, centers.astype(np.float32), sigma, out)["rows"].sum())
     ds = features_dataset(features, columns=("id", "feature"))
