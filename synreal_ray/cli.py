@@ -17,6 +17,9 @@ import sys
 import typing
 from typing import Any
 
+# By name, not __name__: run as `python -m synreal_ray.cli` this module is __main__.
+log = logging.getLogger("synreal_ray.cli")
+
 
 def _config(cls: type, **values: Any) -> Any:
     """A stage's config dataclass from command-line values, through the config layer."""
@@ -83,6 +86,7 @@ def _train(a: argparse.Namespace) -> None:
         "model": a.model, "syn": a.syn, "syn_layout": a.syn_layout, "real": a.real, "real_layout": a.real_layout,
         "pairs": a.pairs, "weights": a.weights, "steps": a.steps, "image_size": a.image_size,
         "batch_size": a.batch_size, "workers": a.workers, "checkpoint_every": a.checkpoint_every, "out": a.out,
+        "lr_step_size": a.lr_step_size, "lr_gamma": a.lr_gamma,
         "resume": True if a.resume else None})
     rec = run_train(cfg, force=a.force)
     if rec.get("skipped"):
@@ -106,7 +110,12 @@ def _assignments(a: argparse.Namespace) -> dict:
 def _run(a: argparse.Namespace) -> None:
     from synreal_ray.pipeline import load_pipeline_config, run_pipeline
 
-    run_pipeline(load_pipeline_config(a.config, _pipeline_overrides(a), _assignments(a)), force=a.force)
+    _print_report(run_pipeline(load_pipeline_config(a.config, _pipeline_overrides(a), _assignments(a)), force=a.force))
+
+
+def _print_report(report: dict) -> None:
+    """The result tables a pipeline command exists to show, on stdout (the log, on stderr, names the files)."""
+    print(report["markdown"], flush=True)
 
 
 def _demo(a: argparse.Namespace) -> None:
@@ -121,7 +130,7 @@ def _demo(a: argparse.Namespace) -> None:
                                 "data.real": storage.join(data, "real")}, _assignments(a))
     if not storage.exists(storage.join(data, "syn")):
         make_demo_data(data, num_syn=a.num_syn, num_real=a.num_real, num_val=a.num_val)
-    run_pipeline(cfg, force=a.force)
+    _print_report(run_pipeline(cfg, force=a.force))
 
 
 def _tune(a: argparse.Namespace) -> None:
@@ -134,7 +143,7 @@ def _report(a: argparse.Namespace) -> None:
     from synreal_ray import storage
     from synreal_ray.pipeline import load_pipeline_config, write_report
 
-    write_report(load_pipeline_config(storage.join(a.run, "config.yaml"), {"out": a.run}))
+    _print_report(write_report(load_pipeline_config(storage.join(a.run, "config.yaml"), {"out": a.run})))
 
 
 def _positive_float(text: str, flag: str) -> float:
@@ -183,10 +192,10 @@ def _fid(a: argparse.Namespace) -> None:
     cfg = _config(FidConfig, a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size,
                   max_images=a.max_images, cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # printed below as one line each
+        warnings.simplefilter("ignore")  # logged below as one line each
         rec = run_fid(cfg)
     for w in rec["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
+        log.warning("warning: %s", w)
     for name in ("a", "b"):
         s = rec[name]
         how = f"computed {s['computed']}" if s["computed"] else "all cached"
@@ -290,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="synreal", description="Synthetic-to-real translation of driving datasets on Ray.",
                                 formatter_class=HelpFormatter)
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also debug messages and Ray's own logs (worker output included)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def stage(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
@@ -421,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     _override(tr, TrainConfig, "--image-size", "HxW")
     _override(tr, TrainConfig, "--batch-size", "global batch, split over the workers", type=int)
     _override(tr, TrainConfig, "--workers", "Ray Train workers (DDP)", type=int)
+    _override(tr, TrainConfig, "--lr-step-size", "UNIT: the lr is multiplied by --lr-gamma every this many steps "
+              "(official lr_policy: step; CycleGAN decays linearly to 0 over the second half)", type=int)
+    _override(tr, TrainConfig, "--lr-gamma", "UNIT: the lr's factor every --lr-step-size steps", type=float)
     _override(tr, TrainConfig, "--checkpoint-every", "steps between checkpoints", type=int)
     _override(tr, TrainConfig, "--out", "output folder or s3:// prefix")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
@@ -475,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     _override(sg, SegmentConfig, "--steps", "training steps", type=int)
     _override(sg, SegmentConfig, "--batch-size", "global batch, split over the workers", type=int)
     _override(sg, SegmentConfig, "--workers", "Ray Train workers (DDP)", type=int)
-    _override(sg, SegmentConfig, "--backbone-weights", "backbone state dict, e.g. torchvision's ImageNet file "
-              "(default: None, random initialisation: nothing is downloaded)", metavar="FILE|s3://")
+    _override(sg, SegmentConfig, "--backbone-weights", "backbone state dict, e.g. torchvision's ImageNet file; "
+              "imagenet: torchvision's ImageNet backbone of --model from torch's hub cache, downloaded when missing "
+              "(default: None, trained from scratch: nothing is read or downloaded)", metavar="FILE|s3://|imagenet")
     sg.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     sg.add_argument("--force", action="store_true")
 
@@ -498,19 +515,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging() -> None:
-    """The library logs under `synreal.*`; the command line shows INFO and above on stderr."""
-    log = logging.getLogger("synreal")
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each message, not as it was at set-up (tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """The library logs under `synreal_ray.*`; the command line shows them on stderr: INFO and up
+    (progress included), DEBUG with -v (verbosity 1), WARNING and up with -q (verbosity -1). Ray's
+    own logs go to its log files unless -v (see cluster.set_ray_console)."""
+    from synreal_ray.cluster import set_ray_console
+
+    log = logging.getLogger("synreal_ray")
     if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[synreal] %(message)s"))
+        handler = _StderrHandler()  # stderr: stdout holds the results a command prints
+        handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+    set_ray_console(verbose=verbosity > 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose - args.quiet)
     from synreal_ray.tune import SweepFailedError
 
     try:

@@ -3,22 +3,67 @@ otherwise a local one sized so that small machines do not deadlock; and the CPUs
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+
+# Ray's own console output (set by the command line: `synreal -v` shows it all). None: Ray's defaults.
+_ray_console: bool | None = None
+
+
+def set_ray_console(verbose: bool) -> None:
+    """verbose False: Ray's own logs go to its log files (the session's `logs/` folder) only;
+    the console keeps Ray's warnings and, on a terminal, Ray Data's progress bars. True: Ray's
+    defaults, worker output forwarded to this console included."""
+    global _ray_console
+    _ray_console = verbose
+
+
+class _DropHint(logging.Filter):
+    """Ray Data's hint on how to turn the progress bars back on, after we turned them off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def _quiet_ray_data(bars: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bars  # drawn only where stdout is a terminal; else logged to ray-data.log
+    ctx.print_on_execution_start = False
+    # Ray Data's logger writes to a session file and to the console; the console gets warnings only.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropHint) for f in handler.filters):
+                handler.addFilter(_DropHint())
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
+    if _ray_console is False:
+        from ray.util.annotations import RayDeprecationWarning
+
+        from synreal_ray.progress import shown
+
+        # Ray's notices about its own internals are not the user's to act on (after `import ray`,
+        # which puts its own filter for them first).
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        _quiet_ray_data(bars=shown(logging.getLogger("synreal_ray")))
     if ray.is_initialized():
         return
+    console = {} if _ray_console is None else {
+        "log_to_driver": _ray_console, "logging_level": logging.INFO if _ray_console else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **console)
         return
     # At least 4 logical CPUs: with num_cpus=2 on a 2-core machine, a trainer or an actor pool
     # takes every CPU and the read tasks feeding it never get scheduled (a silent deadlock).
     cpus = num_cpus or max(4, machine_cores())
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, **console)
 
 
 def machine_cores() -> int:

@@ -24,9 +24,9 @@ from PIL import Image
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.images import MAX_PIXELS, ImageError, decode_image
-from synreal_ray.datasets.labels import NUM_CLASSES, to_train_ids
+from synreal_ray.datasets.labels import IGNORE, LABEL_TO_TRAIN, NUM_CLASSES, to_train_ids, unknown_ids, unknown_ids_error
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.spfeat import feature_dim, levels_str, sp_feat
+from synreal_ray.spfeat import feature_dim, fine_grid, levels_str, parse_levels, sp_feat, sp_feat_from_counts
 from synreal_ray.stage import Stage
 
 META_KEY = b"synreal.features"
@@ -80,15 +80,23 @@ def _open_image(data: bytes, uri: str, what: str, max_pixels: int | None = None,
         raise SampleError(str(e)) from None
 
 
-def read_label(uri: str, max_pixels: int | None = None) -> np.ndarray:
-    """Decode a label-ID PNG and map it to train IDs (uint8, 255 = ignore)."""
-    img = _open_image(storage.read_bytes(uri), uri, "label map", max_pixels)
+def _check_label_mode(img: Image.Image, uri: str) -> None:
     if img.mode not in ("L", "P", "I", "I;16"):
         raise SampleError(f"{uri}: label map has mode {img.mode} (colour?); expected single-channel label IDs")
+
+
+def _train_ids(img: Image.Image, uri: str) -> np.ndarray:
     try:
         return to_train_ids(np.asarray(img))
     except ValueError as e:
         raise SampleError(f"{uri}: {e}") from None
+
+
+def read_label(uri: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode a label-ID PNG and map it to train IDs (uint8, 255 = ignore)."""
+    img = _open_image(storage.read_bytes(uri), uri, "label map", max_pixels)
+    _check_label_mode(img, uri)
+    return _train_ids(img, uri)
 
 
 def image_size(uri: str, verify: bool = False, max_pixels: int | None = None) -> tuple[int, int]:
@@ -106,14 +114,35 @@ def image_size(uri: str, verify: bool = False, max_pixels: int | None = None) ->
     return img.size[1], img.size[0]
 
 
+def label_features(uri: str, levels, max_pixels: int | None = None) -> tuple[tuple[int, int], np.ndarray]:
+    """((height, width), SP-Feat vector) of a label-ID PNG. An 8-bit map (mode L or P) is never
+    turned into a train-ID array: Pillow counts the raw IDs of each fine cell (its C histogram) and
+    the 256 counts go through the label table (spfeat.sp_feat_from_counts), which keeps SP-Feat
+    near the PNG decode's own speed (jobs/bench_spfeat.py). Other modes take the numpy path."""
+    return label_image_features(_open_image(storage.read_bytes(uri), uri, "label map", max_pixels), uri, levels)
+
+
+def label_image_features(img: Image.Image, uri: str, levels) -> tuple[tuple[int, int], np.ndarray]:
+    """`label_features` of a decoded label map (`uri` names it in errors)."""
+    _check_label_mode(img, uri)
+    shape = (img.size[1], img.size[0])
+    if img.mode in ("L", "P"):
+        rows, cols = fine_grid(*shape, parse_levels(levels))
+        counts = np.array([[img.crop((int(cols[c]), int(rows[r]), int(cols[c + 1]), int(rows[r + 1]))).histogram()
+                            for c in range(len(cols) - 1)] for r in range(len(rows) - 1)], dtype=np.int64)
+        if (bad := unknown_ids(counts.sum(axis=(0, 1)))).size:
+            raise SampleError(f"{uri}: {unknown_ids_error(bad)}")
+        return shape, sp_feat_from_counts(counts, shape, levels, NUM_CLASSES, IGNORE, id_map=LABEL_TO_TRAIN)
+    return shape, sp_feat(_train_ids(img, uri), NUM_CLASSES, levels)
+
+
 def features_of_sample(image_uri: str, label_uri: str, levels, verify_images: bool = False,
                        max_pixels: int | None = None) -> tuple[int, int, np.ndarray]:
-    labels = read_label(label_uri, max_pixels)
+    (lh, lw), feat = label_features(label_uri, levels, max_pixels)
     h, w = image_size(image_uri, verify_images, max_pixels)
-    if (h, w) != labels.shape:
-        raise SampleError(f"{label_uri}: label map is {labels.shape[1]}x{labels.shape[0]} but its image "
-                          f"{image_uri} is {w}x{h}")
-    return h, w, sp_feat(labels, NUM_CLASSES, levels)
+    if (h, w) != (lh, lw):
+        raise SampleError(f"{label_uri}: label map is {lw}x{lh} but its image {image_uri} is {w}x{h}")
+    return h, w, feat
 
 
 def feature_schema(levels, domain: str) -> pa.Schema:

@@ -9,9 +9,11 @@ activations are computed by an actor pool on Ray Data (GPU actors where the clus
 and they are cached as Parquet keyed by a fingerprint of (image listing, weights, dims, size),
 so a fixed set (the real one) is computed once.
 
-Offline: nothing is downloaded. The weights come from `--inception-weights` (a local or s3://
-file in pytorch-fid's `pt_inception-2015-12-05` state-dict format), else $SYNREAL_INCEPTION_WEIGHTS,
-else the file pytorch-fid itself would have downloaded into torch's hub cache.
+Weights: `--inception-weights` (a local or s3:// file in pytorch-fid's `pt_inception-2015-12-05`
+state-dict format), else $SYNREAL_INCEPTION_WEIGHTS, else pytorch-fid's own file in torch's hub
+cache, downloaded there on first use as pytorch-fid does (its FID_WEIGHTS_URL, or a mirror in
+$SYNREAL_INCEPTION_URL), with the hash in its name checked (synreal_ray/hub.py). Offline and not
+cached: FileNotFoundError saying how to provide the file.
 
 Cache layout (one entry per image set): <cache>/<key>/acts/part-*.parquet (rel, act[dims]),
 stage.json, _SUCCESS. An entry without _SUCCESS is resumed (only the missing images are computed).
@@ -23,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -31,15 +34,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synreal_ray import storage
+from synreal_ray import hub, storage
 from synreal_ray.config import URI, ConfigError
+from synreal_ray.progress import bar as progress_bar
 
 DIMS = (64, 192, 768, 2048)
 WEIGHTS_ENV = "SYNREAL_INCEPTION_WEIGHTS"
+URL_ENV = "SYNREAL_INCEPTION_URL"  # a mirror of pytorch-fid's weights file (same name, same hash)
 CACHE_ENV = "SYNREAL_FID_CACHE"
 # pytorch-fid's own extensions (it globs these; we search recursively and ignore case)
 IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 1  # bump when the activation definition changes: old cache entries stop matching
+
+log = logging.getLogger(__name__)
 
 
 class SmallSampleWarning(UserWarning):
@@ -54,16 +61,20 @@ def _fid_weights_url() -> str:
     return FID_WEIGHTS_URL
 
 
-def hub_weights_path() -> str:
-    """Where pytorch-fid's own download would have put the weights (used when present)."""
-    import torch
+def weights_url() -> str:
+    """Where the weights are downloaded from: $SYNREAL_INCEPTION_URL, else pytorch-fid's FID_WEIGHTS_URL."""
+    return os.environ.get(URL_ENV) or _fid_weights_url()
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_fid_weights_url()))
+
+def hub_weights_path() -> str:
+    """Where pytorch-fid's own download puts the weights (its loader finds them there)."""
+    return hub.cache_path(_fid_weights_url())
 
 
 def find_weights(weights: str | None = None) -> str:
-    """The weights file to use: the argument, else $SYNREAL_INCEPTION_WEIGHTS, else torch's hub
-    cache. Raises FileNotFoundError saying how to provide one."""
+    """The weights file to use: the argument, else $SYNREAL_INCEPTION_WEIGHTS, else pytorch-fid's
+    file in torch's hub cache, downloaded there (hash checked) when missing. Raises
+    FileNotFoundError saying how to provide one when it is not cached and cannot be downloaded."""
     if weights:
         if not storage.exists(weights):
             raise FileNotFoundError(f"{weights}: Inception weights file not found")
@@ -73,14 +84,16 @@ def find_weights(weights: str | None = None) -> str:
         if not storage.exists(env):
             raise FileNotFoundError(f"{env} (from ${WEIGHTS_ENV}): Inception weights file not found")
         return env
-    hub = hub_weights_path()
-    if os.path.exists(hub):
-        return hub
-    raise FileNotFoundError(
-        "no Inception weights for FID (nothing is downloaded at run time). On a machine with internet, "
-        f"download pytorch-fid's FID Inception weights (~92 MB) from {_fid_weights_url()} , copy the file "
-        f"here or to object storage, and pass --inception-weights PATH|s3://URI, or set {WEIGHTS_ENV}=PATH|s3://URI, "
-        f"or place it at {hub}")
+    if os.path.exists(hub_weights_path()):  # pytorch-fid's own copy, whatever mirror is set
+        return hub_weights_path()
+    url = weights_url()
+    try:
+        return hub.cached_or_download(url, "pytorch-fid's FID Inception weights (~92 MB)")
+    except hub.DownloadError as e:
+        raise FileNotFoundError(
+            f"no Inception weights for FID: {e}. On a machine with internet, download {_fid_weights_url()} , copy the file "
+            f"here or to object storage, and pass --inception-weights PATH|s3://URI, or set {WEIGHTS_ENV}=PATH|s3://URI, "
+            f"or place it at {hub_weights_path()}") from None
 
 
 def read_state_dict(data: bytes, uri: str = "<bytes>") -> dict:
@@ -494,14 +507,20 @@ def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights:
                                                                       "size": size, "device": device},
                              compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=cfg.batch_size,
                              batch_format="numpy", **resources)
+        out.context.enable_progress_bars = False  # the bar below counts images
+        bar = progress_bar(len(todo), "fid activations", "img", log)
         done, first, after_first = 0, None, 0
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             n = int(batch["n"].sum())
             done += n
+            if bar is not None:
+                bar.update(n)
             if first is None:  # an actor is up: the rate from here on leaves start-up out (roughly)
                 first = time.time()
             else:
                 after_first += n
+        if bar is not None:
+            bar.close()
         seconds = time.time() - t0
         rates = {"images_per_s": round(done / max(seconds, 1e-9), 2), "actors": n_actors,
                  "steady_images_per_s": round(after_first / (time.time() - first), 2) if after_first else None}

@@ -1,4 +1,4 @@
-"""The whole job: features -> KLIEP -> pairs -> train -> translate -> FID -> report.
+"""The whole job: features -> KLIEP -> pairs -> train -> translate -> segmenters -> FID/KID -> report.
 
 Every stage is skipped when its output for the same inputs and settings is already published, so
 re-running after a failure resumes at the failed stage. All paths may be local or s3://.
@@ -8,8 +8,19 @@ Layout under `out`:
   features/{syn,real,real_val}    kliep/    pairs/
   runs/<name>/train/              checkpoints, metrics.jsonl, loss curves, grids
   runs/<name>/translated/         the synthetic dataset translated, in its own layout
+  segment/real/                   the judge: a segmenter trained on real train (val/: on real val, the ceiling)
+  segment/synthetic/              downstream: a segmenter trained on the raw synthetic set (val/: on real val)
+  consistency/synthetic/          seg-eval of the judge on the raw synthetic set (reference row)
+  runs/<name>/consistency/        seg-eval of the judge on the run's translations, against the synthetic labels
+  runs/<name>/segment/            downstream: a segmenter trained on the run's translations (val/: on real val)
+  runs/<name>/consistency.png     translated image | synthetic labels | the judge's prediction on it
   fid-cache/                      Inception activations, computed once per image set
   report.md, report.json, before_after.png
+
+Protocols (which split each number uses): FID and KID against the real `real_val_split` (falls
+back to `real_split`, said in the table caption, when there is none), translated vs synthetic on
+disjoint halves of the synthetic ids; consistency mIoU on every synthetic image with its synthetic
+labels; downstream mIoU on the real val split (same fallback).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +38,8 @@ from PIL import Image
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError, from_dict, parse_yaml, set_dotted, to_dict
 from synreal_ray.datasets.images import decode_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,18 @@ class FidSection:
 
 
 @dataclass(frozen=True)
+class EvaluateSection:
+    """What the pipeline measures beside FID/KID (both need the `segment:` segmenters)."""
+
+    consistency: bool = True  # the judge (trained on real train) on each translation, against the synthetic labels
+    downstream: bool = True  # a segmenter trained on each translation (and on raw synthetic), scored on real val
+
+
+# Keys of SegmentConfig the pipeline fills in itself (its data, out, val); `segment:` holds the rest.
+SEGMENT_FILLED = ("train", "out", "val", "val_layout", "val_split")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     out: URI = "out/demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +139,8 @@ class PipelineConfig:
     runs: tuple[RunSpec, ...] = field(default_factory=_default_runs)
     translate: TranslateSection = field(default_factory=TranslateSection)
     fid: FidSection = field(default_factory=FidSection)
+    segment: dict[str, Any] = field(default_factory=dict)  # SegmentConfig keys, checked at load time
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     grid_images: int = 4
 
     def __post_init__(self):
@@ -142,6 +170,11 @@ class PipelineConfig:
         for run in self.runs:  # the train section per run (with its model: image size, options)
             translate_config(self, run, train_config(self, run).out)
         fid_config(self, self.data.syn, self.data.real, self.fid.inception_weights)
+        for key in SEGMENT_FILLED:
+            if key in self.segment:
+                raise ConfigError("set by the pipeline (the data section and out); leave it out", f"segment.{key}")
+        segment_config(self, "judge", [(self.data.real, self.data.real_layout, self.data.real_split)],
+                       storage.join(self.out, "segment", "real"), self.data.real_split)
 
 
 def read_config_doc(uri: str) -> dict:
@@ -212,12 +245,13 @@ def train_config(cfg: PipelineConfig, run: RunSpec):
     return from_dict(TrainConfig, doc, f"train (run {run.name})")
 
 
-def _stage_config(cls: type, values: dict[str, Any], section: str, renames: dict[str, str]):
+def _stage_config(cls: type, values: dict[str, Any], section: str, renames: dict[str, str], checked: bool = True):
     """`cls(**values)`: the stage's own checks run. An error names the key the user wrote:
     `section.key`, or `renames[key]` for a value the pipeline took from elsewhere (paths under
-    `out`, the `data` section)."""
+    `out`, the `data` section). `checked=False`: `values` come from a free-form section (a
+    dict of the stage's keys) and go through `from_dict` (unknown keys, types) first."""
     try:
-        return cls(**values)
+        return cls(**values) if checked else from_dict(cls, values)
     except ConfigError as e:
         head, dot, rest = (e.key or "").partition(".")
         key = (renames.get(head) or f"{section}.{head}") + dot + rest if head else section
@@ -281,6 +315,104 @@ def fid_config(cfg: PipelineConfig, a: str, b: str, weights: str | None):
                                                     "cache": "out"})
 
 
+def real_val_split(cfg: PipelineConfig) -> str | None:
+    """The real split the report scores against (FID/KID reference, downstream mIoU): the
+    `real_val_split` when the real dataset has it (Cityscapes layout), else None (then the
+    `real_split` is used and the report says so)."""
+    from synreal_ray.datasets.layouts import image_root
+
+    d = cfg.data
+    if not d.real_val_split or d.real_layout != "cityscapes":
+        return None
+    root = image_root(d.real, d.real_layout, d.real_val_split)
+    return d.real_val_split if storage.exists(root) and storage.list_files(root) else None
+
+
+def segment_config(cfg: PipelineConfig, name: str, train: list[tuple[str, str, str | None]], out: str,
+                   val_split: str | None):
+    """A segment stage of the pipeline: the `segment:` section's settings (SegmentConfig's own
+    defaults for the rest), trained on `train` [(uri, layout, split)], scored at the end on the
+    real dataset's `val_split`; errors name the `segment.` key."""
+    from synreal_ray.segment import SegmentConfig
+
+    d = cfg.data
+    values = {"resume": True, **cfg.segment, "train": [{"uri": u, "layout": lay, "split": sp} for u, lay, sp in train],
+              "out": out, "val": d.real, "val_layout": d.real_layout, "val_split": val_split}
+    renames = {"train": f"data ({name})", "train[0]": f"data ({name})", "out": "out", "val": "data.real",
+               "val_layout": "data.real_layout", "val_split": "data.real_val_split"}
+    return _stage_config(SegmentConfig, values, "segment", renames, checked=False)
+
+
+def segment_paths(cfg: PipelineConfig) -> dict[str, str]:
+    """Output folders of the segmentation stages that do not belong to one run."""
+    j = lambda *p: storage.join(cfg.out, *p)  # noqa: E731
+    return {"judge": j("segment", "real"), "syn_segment": j("segment", "synthetic"),
+            "syn_consistency": j("consistency", "synthetic")}
+
+
+def run_paths(cfg: PipelineConfig, run: RunSpec) -> dict[str, str]:
+    j = lambda *p: storage.join(cfg.out, "runs", run.name, *p)  # noqa: E731
+    return {"segment": j("segment"), "consistency": j("consistency"), "picture": j("consistency.png")}
+
+
+def judge_config(cfg: PipelineConfig, out: str | None = None):
+    """The judge: a segmenter trained on real train, scored on real val (the ceiling row)."""
+    d = cfg.data
+    return segment_config(cfg, "judge", [(d.real, d.real_layout, d.real_split)], out or segment_paths(cfg)["judge"],
+                          real_val_split(cfg) or d.real_split)
+
+
+def downstream_config(cfg: PipelineConfig, dataset: str, out: str):
+    """A segmenter trained on `dataset` (the raw synthetic set or a translation of it, in the
+    synthetic layout), scored on real val."""
+    d = cfg.data
+    return segment_config(cfg, "downstream", [(dataset, d.syn_layout, d.syn_split)], out,
+                          real_val_split(cfg) or d.real_split)
+
+
+def consistency_config(cfg: PipelineConfig, judge: str, dataset: str, out: str):
+    """seg-eval of the judge (a segment output) on `dataset` (the raw synthetic set or a
+    translation of it, whose labels are the synthetic ones), saving its predictions."""
+    from synreal_ray.segment import SegEvalConfig
+
+    d = cfg.data
+    batch = segment_config(cfg, "judge", [(d.real, d.real_layout, d.real_split)], judge, d.real_split).eval_batch_size
+    return SegEvalConfig(model=judge, dataset=dataset, layout=d.syn_layout, split=d.syn_split, out=out,
+                         save_predictions=True, batch_size=batch)
+
+
+def run_consistency(cfg: PipelineConfig, judge: str, dataset: str, out: str, force: bool = False) -> dict:
+    """Semantic consistency of a (translated) synthetic dataset: the judge's scores on it against
+    the synthetic labels (translate copies them beside the images). eval.json's record."""
+    from synreal_ray.segment import run_seg_eval
+
+    return run_seg_eval(consistency_config(cfg, judge, dataset, out), force)
+
+
+def run_segmentation(cfg: PipelineConfig, force: bool = False) -> None:
+    """The judge, the consistency evaluations and the downstream segmenters that `evaluate:`
+    asks for; each a stage of its own (skipped when published)."""
+    from synreal_ray.segment import run_segment
+
+    ev, sp = cfg.evaluate, segment_paths(cfg)
+    if not (ev.consistency or ev.downstream):
+        return
+    log.info("segment: the judge (real train)")
+    run_segment(judge_config(cfg), force)
+    if ev.consistency:
+        log.info("consistency: raw synthetic")
+        run_consistency(cfg, sp["judge"], cfg.data.syn, sp["syn_consistency"], force)
+        for run in cfg.runs:
+            log.info("consistency: %s", run.name)
+            run_consistency(cfg, sp["judge"], translated_uri(cfg, run), run_paths(cfg, run)["consistency"], force)
+    if ev.downstream:
+        log.info("segment: downstream on raw synthetic")
+        run_segment(downstream_config(cfg, cfg.data.syn, sp["syn_segment"]), force)
+        for run in cfg.runs:
+            log.info("segment: downstream on %s", run.name)
+            run_segment(downstream_config(cfg, translated_uri(cfg, run), run_paths(cfg, run)["segment"]), force)
+
+
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     """Run every stage (each skipped when already done) and write the report."""
     from synreal_ray.cluster import init_ray
@@ -295,33 +427,30 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     check_output(cfg.out, [cfg.data.syn, cfg.data.real], "out")
     init_ray()
     storage.write_bytes(storage.join(cfg.out, "config.yaml"), yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False).encode())
-    _log("features")
+    log.info("features")
     run_features(features_config(cfg, "syn"), force)
     run_features(features_config(cfg, "real"), force)
     needs_weights = any(r.weighting != "none" for r in cfg.runs)
     needs_pairs = any(r.pairing == "spfeat" for r in cfg.runs)
     if needs_weights or needs_pairs:
-        _log("kliep")
+        log.info("kliep")
         run_kliep(kliep_config(cfg), force)
     if needs_pairs:
-        _log("pairs")
+        log.info("pairs")
         run_pairs(pairs_config(cfg), force)
     for run in cfg.runs:
-        _log(f"train {run.name}")
+        log.info(f"train {run.name}")
         tc = train_config(cfg, run)
         run_train(tc, force=force)
-        _log(f"translate {run.name}")
+        log.info(f"translate {run.name}")
         run_translate(translate_config(cfg, run, tc.out), force)
-    _log("fid + report")
+    run_segmentation(cfg, force)
+    log.info("fid + kid + report")
     return write_report(cfg)
 
 
 def translated_uri(cfg: PipelineConfig, run: RunSpec) -> str:
     return storage.join(cfg.out, "runs", run.name, "translated")
-
-
-def _log(msg: str) -> None:
-    print(f"[synreal] {msg}", flush=True)
 
 
 def _plain(obj):
@@ -333,7 +462,7 @@ def _plain(obj):
     return obj
 
 
-# --- FID table (the seed's Table 4) and the before/after grid ---
+# --- the report: consistency, downstream, FID and KID tables, pictures ---
 
 def inception_weights(cfg: PipelineConfig) -> tuple[str, bool]:
     """(weights file, is_random). Falls back to a seeded random-weight Inception only when allowed,
@@ -348,61 +477,234 @@ def inception_weights(cfg: PipelineConfig) -> tuple[str, bool]:
     path = storage.join(paths(cfg)["fid_cache"], "random-inception-seed0.pth")
     if not storage.exists(path):
         make_random_inception_weights(path, seed=0)
-    print("[synreal] no Inception weights file given (fid.inception_weights / SYNREAL_INCEPTION_WEIGHTS): "
-          "scoring with a SEEDED RANDOM-WEIGHT Inception; the table is labelled as such", flush=True)
+    log.warning("no Inception weights file given (fid.inception_weights / SYNREAL_INCEPTION_WEIGHTS): "
+                "scoring with a SEEDED RANDOM-WEIGHT Inception; the table is labelled as such")
     return path, True
 
 
-def fid_between(cfg: PipelineConfig, a: str, b: str, weights: str) -> float:
+def fid_kid_between(cfg: PipelineConfig, a: str, b: str, weights: str) -> dict:
+    """run_fid's record (fid, kid, kid_std) between image folders a and b."""
     from synreal_ray.fid import run_fid
 
-    return run_fid(fid_config(cfg, a, b, weights))["fid"]
+    return run_fid(fid_config(cfg, a, b, weights))
 
 
-def cache_activations(cfg: PipelineConfig, roots: list[str], weights: str) -> None:
-    """The Inception activations of every image set the report compares, computed by one actor
-    pool (Inception loaded once per actor, not once per comparison); fid_between reads them back
-    from the cache."""
-    from synreal_ray.fid import set_activations
+def set_acts(cfg: PipelineConfig, roots: list[str], weights: str) -> dict[str, tuple[list[str], Any]]:
+    """{root: (relative image names, their Inception activations)} of every image set the report
+    compares, computed by one actor pool (Inception loaded once per actor) or read from the cache."""
+    from synreal_ray.fid import list_images, set_activations
 
     fc = fid_config(cfg, roots[0], roots[-1], weights)
-    set_activations(roots, fc, weights, storage.read_bytes(weights))
+    sets = set_activations(roots, fc, weights, storage.read_bytes(weights))
+    return {s["root"]: ([f.rel for f in list_images(s["root"], fc.max_images, fc.seed)], s["acts"]) for s in sets}
 
 
-def write_report(cfg: PipelineConfig) -> dict:
+def distance(acts_a, acts_b) -> dict[str, float]:
+    """FID and KID (mean, std over subsets) between two activation matrices."""
+    from synreal_ray.fid import frechet_distance, kid, statistics
+
+    mu1, s1 = statistics(acts_a)
+    mu2, s2 = statistics(acts_b)
+    k, k_std = kid(acts_a, acts_b)
+    return {"fid": float(frechet_distance(mu1, s1, mu2, s2)), "kid": float(k), "kid_std": float(k_std)}
+
+
+def halves(rels: list[str]) -> tuple[list[int], list[int]]:
+    """Disjoint halves of a sorted listing: (even positions, odd positions)."""
+    return list(range(0, len(rels), 2)), list(range(1, len(rels), 2))
+
+
+def distance_rows(cfg: PipelineConfig, weights: str) -> tuple[list[dict], str]:
+    """FID/KID rows and the caption saying which sets they compare: every set against the real
+    val split (the real train split, with a note, where there is none); the real train vs val
+    floor; each run's translations vs the synthetic originals on disjoint halves."""
+    import numpy as np
+
     from synreal_ray.datasets.layouts import image_root
 
     d = cfg.data
-    weights, random_inception = inception_weights(cfg)
+    val = real_val_split(cfg)
+    ref_split = val or d.real_split or "train"
     syn_img = image_root(d.syn, d.syn_layout, d.syn_split)
     real_img = image_root(d.real, d.real_layout, d.real_split)
-    val_img = None
-    if d.real_val_split and d.real_layout == "cityscapes":
-        val_img = image_root(d.real, d.real_layout, d.real_val_split)
-        val_img = val_img if storage.list_files(val_img) else None
+    ref_img = image_root(d.real, d.real_layout, val) if val else real_img
     out_imgs = {run.name: image_root(translated_uri(cfg, run), d.syn_layout, d.syn_split) for run in cfg.runs}
-    cache_activations(cfg, [syn_img, real_img, *([val_img] if val_img else []), *out_imgs.values()], weights)
-    rows = [{"comparison": "synthetic vs real (no adaptation)", "fid": fid_between(cfg, syn_img, real_img, weights)}]
-    if val_img:
-        rows.append({"comparison": f"real {d.real_split} vs real {d.real_val_split} (floor)",
-                     "fid": fid_between(cfg, real_img, val_img, weights)})
+    acts = set_acts(cfg, list(dict.fromkeys([syn_img, real_img, ref_img, *out_imgs.values()])), weights)
+    rows = [{"comparison": f"synthetic vs real {ref_split} (no adaptation)", "kind": "raw synthetic",
+             **distance(acts[syn_img][1], acts[ref_img][1])}]
+    if val:
+        rows.append({"comparison": f"real {d.real_split} vs real {val} (floor)", "kind": "ceiling",
+                     **distance(acts[real_img][1], acts[ref_img][1])})
+    syn_rels, syn_acts = acts[syn_img]
+    even, odd = halves(syn_rels)
     for run in cfg.runs:
-        out_img = out_imgs[run.name]
-        rows.append({"comparison": f"{run.name}: translated vs real", "run": run.name,
-                     "fid": fid_between(cfg, out_img, real_img, weights)})
-        rows.append({"comparison": f"{run.name}: translated vs synthetic", "run": run.name,
-                     "fid": fid_between(cfg, out_img, syn_img, weights)})
+        rels, out_acts = acts[out_imgs[run.name]]
+        rows.append({"comparison": f"{run.name}: translated vs real {ref_split}", "run": run.name, "kind": "run",
+                     **distance(out_acts, acts[ref_img][1])})
+        row_of = {r: i for i, r in enumerate(rels)}
+        mine = [row_of[syn_rels[i]] for i in even if syn_rels[i] in row_of]
+        rows.append({"comparison": f"{run.name}: translated vs synthetic (disjoint halves)", "run": run.name,
+                     "kind": "run vs synthetic", **distance(out_acts[np.asarray(mine, int)], syn_acts[odd])})
+    caption = (f"every set against the real {ref_split} split ({len(acts[ref_img][0])} images, never seen in training)"
+               if val else f"every set against the real {ref_split} split: there is no real val split "
+               f"(data.real_val_split), so the reference is the set the GANs trained on and there is no floor row")
+    caption += (f"; translated vs synthetic compares the translations of the even-numbered synthetic images "
+                f"(by sorted path, {len(even)}) with the odd-numbered synthetic originals ({len(odd)}), "
+                "so no image meets its own translation")
+    return rows, caption
+
+
+def _eval(uri: str, stage: str | None = None) -> dict | None:
+    """eval.json under `uri` when the stage that wrote it (`stage`, default `uri` itself: a
+    seg-eval output; a segment output for its val/) is published, else None."""
+    return storage.read_json(storage.join(uri, "eval.json")) if storage.is_complete(stage or uri) else None
+
+
+def _val_eval(segment_out: str) -> dict | None:
+    """The real-val scores of a published segment output."""
+    return _eval(storage.join(segment_out, "val"), segment_out)
+
+
+def _seg_row(name: str, kind: str, record: dict | None, run: str | None = None) -> dict:
+    row = {"comparison": name, "kind": kind, "miou": None, "pixel_accuracy": None, "num_images": None}
+    if run:
+        row["run"] = run
+    if record is not None:
+        row.update({k: record.get(k) for k in ("miou", "pixel_accuracy", "num_images")})
+        row["iou"], row["top_confusions"] = record.get("iou"), record.get("top_confusions", [])
+    return row
+
+
+def segmentation_tables(cfg: PipelineConfig) -> dict[str, dict]:
+    """The consistency and downstream tables, from the published evaluations (a missing one is
+    a row without numbers)."""
+    d, sp = cfg.data, segment_paths(cfg)
+    val = real_val_split(cfg)
+    ref_split = val or d.real_split or "train"
+    note = "" if val else f" (no real val split: scored on real {ref_split}, the judge's own training set)"
+    ceiling = _val_eval(sp["judge"])
+    judge = f"the judge (a segmenter trained on real {d.real_split})"
+    tables = {}
+    if cfg.evaluate.consistency:
+        rows = [_seg_row("raw synthetic (no translation)", "raw synthetic", _eval(sp["syn_consistency"]))]
+        rows += [_seg_row(f"{r.name}: translated", "run", _eval(run_paths(cfg, r)["consistency"]), r.name) for r in cfg.runs]
+        rows.append(_seg_row(f"ceiling: the judge on real {ref_split}{note}", "ceiling", ceiling))
+        tables["consistency_miou"] = {
+            "title": "Semantic consistency (mIoU, %; higher: the translation kept what the image shows)",
+            "caption": f"{judge} on every synthetic image and its translations, against the synthetic labels; "
+                       f"ceiling: the judge on real {ref_split} with its true labels", "rows": rows}
+    if cfg.evaluate.downstream:
+        rows = [_seg_row("trained on raw synthetic", "raw synthetic", _val_eval(sp["syn_segment"]))]
+        rows += [_seg_row(f"{r.name}: trained on its translations", "run",
+                          _val_eval(run_paths(cfg, r)["segment"]), r.name) for r in cfg.runs]
+        rows.append(_seg_row(f"ceiling: trained on real {d.real_split}", "ceiling", ceiling))
+        tables["downstream_miou"] = {
+            "title": "Downstream segmentation (mIoU, %, on real val; higher is better)",
+            "caption": f"a segmenter trained on each set (the same `segment:` settings), scored on real {ref_split}{note}",
+            "rows": rows}
+    return tables
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def table_markdown(table: dict, columns: list[tuple[str, Any]]) -> list[str]:
+    """A table as Markdown lines: its title, its caption in italics, a header and one line per row."""
+    lines = [f"### {table['title']}", "", f"*{table['caption']}*", "",
+             "| " + " | ".join(["set", *[c for c, _ in columns]]) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([r["comparison"], *[f(r) for _, f in columns]]) + " |" for r in table["rows"]]
+    return lines + [""]
+
+
+def per_class_markdown(table: dict) -> list[str]:
+    """Per-class IoU (%) of the consistency rows: one line per class, one column per set."""
+    from synreal_ray.datasets.labels import TRAIN_NAMES
+
+    rows = [r for r in table["rows"] if r.get("iou")]
+    if not rows:
+        return []
+    lines = ["### Consistency per class (IoU, %)", "", "| class | " + " | ".join(r["comparison"] for r in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    lines += [f"| {c} | " + " | ".join(_pct(r["iou"].get(c)) for r in rows) + " |" for c in TRAIN_NAMES]
+    return lines + [""]
+
+
+def consistency_picture(cfg: PipelineConfig, dataset: str, evaluation: str, tile: tuple[int, int] = (96, 192)) -> bytes:
+    """Rows: the first `grid_images` samples of `dataset` (a translation in the synthetic
+    layout); columns: the image | its synthetic labels | the judge's prediction on it (both
+    colourised), from the seg-eval output's saved predictions."""
+    import numpy as np
+
+    from synreal_ray import viz
+    from synreal_ray.datasets.labels import colorize, to_train_ids
+    from synreal_ray.datasets.layouts import list_dataset
+
+    d = cfg.data
+    samples, _ = list_dataset(dataset, d.syn_layout, d.syn_split)
+    th, tw = tile
+    cols: list[list] = [[], [], []]
+
+    def labels(uri: str):
+        ids = np.asarray(decode_image(storage.read_bytes(uri), uri))
+        return Image.fromarray(colorize(to_train_ids(ids))).resize((tw, th), Image.NEAREST)
+
+    for s in samples[: cfg.grid_images]:
+        image = decode_image(storage.read_bytes(s.image_uri), s.image_uri).convert("RGB")
+        cols[0].append(np.asarray(image.resize((tw, th), Image.BILINEAR)))
+        cols[1].append(np.asarray(labels(s.label_uri)))
+        cols[2].append(np.asarray(labels(storage.safe_join(storage.join(evaluation, "predictions"), s.id + ".png"))))
+    return viz.image_grid([np.stack(c) for c in cols])
+
+
+def write_report(cfg: PipelineConfig) -> dict:
+    """report.md / report.json (one table per metric: consistency mIoU, downstream mIoU, FID, KID,
+    each with its raw-synthetic and ceiling rows), the judge's largest confusions per run, the
+    consistency pictures, before_after.png and report.html (report_html: all of it on one page).
+    The returned record carries the tables as Markdown ("markdown"), which the command line prints."""
+    weights, random_inception = inception_weights(cfg)
+    rows, caption = distance_rows(cfg, weights)
     label = "seeded random-weight Inception (not comparable to published FIDs)" if random_inception else "Inception (pytorch-fid weights)"
-    report = {"rows": rows, "inception": label, "inception_weights": weights, "dims": cfg.fid.dims,
-              "runs": [dataclasses.asdict(r) for r in cfg.runs]}
-    md = [f"FID ({label}, {cfg.fid.dims} dims; lower is closer)\n", "| comparison | FID |", "|---|---|"]
-    md += [f"| {r['comparison']} | {r['fid']:.2f} |" for r in rows]
+    tables = segmentation_tables(cfg)
+    tables["fid"] = {"title": f"FID ({label}, {cfg.fid.dims} dims; lower is closer)", "caption": caption, "rows": rows}
+    tables["kid"] = {"title": f"KID ×1000 ({label}, {cfg.fid.dims} dims; mean ± std over subsets; lower is closer; "
+                              "unbiased for small sets)", "caption": caption, "rows": rows}
+    pictures, confusions = {}, {}
+    if cfg.evaluate.consistency:
+        syn_eval = _eval(segment_paths(cfg)["syn_consistency"])
+        confusions["raw synthetic"] = (syn_eval or {}).get("top_confusions", [])
+        for run in cfg.runs:
+            rp = run_paths(cfg, run)
+            confusions[run.name] = (_eval(rp["consistency"]) or {}).get("top_confusions", [])
+            if storage.exists(storage.join(rp["consistency"], "predictions")):
+                storage.write_bytes(rp["picture"], consistency_picture(cfg, translated_uri(cfg, run), rp["consistency"]))
+                pictures[run.name] = rp["picture"]
+    report = {"tables": tables, "rows": rows, "fid_caption": caption, "inception": label, "inception_weights": weights,
+              "dims": cfg.fid.dims, "confusions": confusions, "pictures": pictures,
+              "real_val_split": real_val_split(cfg), "runs": [dataclasses.asdict(r) for r in cfg.runs]}
+    seg_cols = [("mIoU (%)", lambda r: _pct(r["miou"])), ("pixel accuracy (%)", lambda r: _pct(r["pixel_accuracy"])),
+                ("images", lambda r: str(r["num_images"] or "–"))]
+    md = []
+    for key in ("consistency_miou", "downstream_miou"):
+        if key in tables:
+            md += table_markdown(tables[key], seg_cols)
+    md += table_markdown(tables["fid"], [("FID", lambda r: f"{r['fid']:.2f}")])
+    md += table_markdown(tables["kid"], [("KID ×1000", lambda r: f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}")])
+    if confusions:
+        md += ["### The judge's largest confusions (ground truth → prediction)", ""]
+        md += [f"- **{name}**: " + ("; ".join(c) if c else "none recorded") for name, c in confusions.items()] + [""]
+        md += per_class_markdown(tables["consistency_miou"])
+        md += ["Pictures (translated | synthetic labels | the judge's prediction): "
+               + ", ".join(f"[{n}]({storage.relpath(p, cfg.out)})" for n, p in pictures.items()), ""]
     storage.write_json(storage.join(cfg.out, "report.json"), report)
     storage.write_bytes(storage.join(cfg.out, "report.md"), ("\n".join(md) + "\n").encode())
     storage.write_bytes(storage.join(cfg.out, "before_after.png"), before_after_grid(cfg))
-    print("\n".join(md), flush=True)
-    print(f"\nreport: {storage.join(cfg.out, 'report.md')}  grid: {storage.join(cfg.out, 'before_after.png')}", flush=True)
-    return report
+    from synreal_ray.report_html import write_html
+
+    page = write_html(cfg.out)
+    log.info("report: %s (tables), %s (everything, one page), grid: %s", storage.join(cfg.out, "report.md"), page,
+             storage.join(cfg.out, "before_after.png"))
+    return {**report, "markdown": "\n".join(md), "html": page}
 
 
 def before_after_grid(cfg: PipelineConfig, tile: tuple[int, int] = (96, 192)) -> bytes:

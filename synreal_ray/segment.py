@@ -12,9 +12,12 @@ Pure core (no Ray): `confusion_matrix`, `iou_from_confusion`, `scores`, `top_con
 
 **segment.** A model of `torchvision.models.segmentation` chosen by name (default
 `lraspp_mobilenet_v3_large`; `deeplabv3_resnet50/101`, `fcn_resnet50/101`), built with
-`weights=None, weights_backbone=None` (nothing is downloaded) and 19 outputs; `backbone_weights`
-loads a backbone state dict (torchvision's ImageNet classification file, e.g.
-`mobilenet_v3_large-8738ca79.pth`, or a backbone's own) from a file or s3://. Labels are label-ID
+`weights=None, weights_backbone=None` (nothing is downloaded) and 19 outputs: trained from
+scratch unless `backbone_weights` is given: a backbone state dict (torchvision's ImageNet
+classification file, e.g. `mobilenet_v3_large-8738ca79.pth`, or a backbone's own) from a file or
+s3://, or `imagenet`: torchvision's own ImageNet backbone file for the model (the one its
+`weights_backbone` default names), from torch's hub cache, downloaded there (hash checked) when
+missing, as torchvision does. Labels are label-ID
 PNGs mapped to train IDs through datasets/labels.py (255 ignored by the loss). Training data is a
 mixture `train: [{uri, layout, split, share}]`: each dataset fills a fixed number of slots of
 every global batch (share x batch_size, largest remainder), drawing from its own seeded stream of
@@ -82,10 +85,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from synreal_ray import storage
+from synreal_ray import hub, storage
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+from synreal_ray.progress import StepPoster, TrainingProgress
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
     LOAD_CPUS,
@@ -103,7 +107,7 @@ from synreal_ray.train import (
     resume_point,
 )
 
-log = logging.getLogger("synreal.segment")
+log = logging.getLogger(__name__)
 
 RUN_NAME = "segment"  # Ray Train run name under <out>/ray
 STATE, META = "state.pt", "meta.json"
@@ -258,10 +262,44 @@ def load_backbone(model, state: dict, what: str = "backbone weights") -> int:
     return len(required)
 
 
-def read_backbone(uri: str) -> dict:
-    """A backbone weights file (local or s3://) as a state dict."""
+IMAGENET = "imagenet"  # backbone_weights: torchvision's ImageNet classification weights of the model's backbone
+
+
+def imagenet_backbone_url(model: str) -> str:
+    """The URL of the ImageNet backbone file torchvision's builder of `model` uses by default
+    (its `weights_backbone` default, e.g. MobileNet_V3_Large_Weights.IMAGENET1K_V1)."""
+    import inspect
+
+    from torchvision.models import segmentation
+
+    if model not in SEGMENTERS:
+        raise ValueError(f"unknown segmentation model {model!r}; choose one of {', '.join(SEGMENTERS)}")
+    return inspect.signature(getattr(segmentation, model)).parameters["weights_backbone"].default.url
+
+
+def backbone_file(uri: str, model: str) -> str:
+    """The file `backbone_weights` names: `imagenet` is torchvision's ImageNet backbone file for
+    `model` in torch's hub cache (downloaded there, hash checked, when missing); anything else is
+    the file itself (local or s3://)."""
+    if uri != IMAGENET:
+        return uri
+    url = imagenet_backbone_url(model)
+    try:
+        return hub.cached_or_download(url, f"torchvision's ImageNet backbone for {model}")
+    except hub.DownloadError as e:
+        raise FileNotFoundError(f"backbone_weights: imagenet: {e}. On a machine with internet, download {url} and "
+                                f"pass the file (--backbone-weights FILE|s3://), or place it at {hub.cache_path(url)}; "
+                                "or leave backbone_weights unset to train from scratch") from None
+
+
+def read_backbone(uri: str, model: str | None = None) -> dict:
+    """A backbone weights file (local or s3://, or `imagenet` with `model`: see `backbone_file`) as a state dict."""
     import torch
 
+    if uri == IMAGENET:
+        if model is None:
+            raise ValueError("backbone_weights: imagenet needs the model name")
+        uri = backbone_file(uri, model)
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -474,7 +512,7 @@ class SegmentConfig:
     val_layout: str = "cityscapes"
     val_split: str | None = None  # None: "val" for the cityscapes layout
     model: SegmenterName = "lraspp_mobilenet_v3_large"
-    backbone_weights: URI | None = None
+    backbone_weights: Literal["imagenet"] | URI | None = None  # None: from scratch; see backbone_file
     image_size: str = "512x1024"  # HxW of the training crops
     scale: tuple[float, float] = (0.5, 2.0)  # random scale range, relative to each image's resolution
     flip: bool = True
@@ -664,7 +702,7 @@ def _segment_worker(config: dict) -> None:
     start, checkpoint = resume_point(run_folder(cfg.out))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every run
-    backbone = read_backbone(cfg.backbone_weights) if cfg.backbone_weights and checkpoint is None else None
+    backbone = read_backbone(cfg.backbone_weights, cfg.model) if cfg.backbone_weights and checkpoint is None else None
     model = build_segmenter(cfg.model, backbone=backbone).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _poly(cfg.steps, cfg.poly_power))
@@ -681,6 +719,7 @@ def _segment_worker(config: dict) -> None:
     bare = model
     model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    post = StepPoster(config.get("progress") if rank == 0 else None, cfg.steps)
     if rank == 0:
         metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
     recent: deque = deque(maxlen=max(cfg.bn_batches, 1))  # this worker's batches since the last checkpoint
@@ -711,6 +750,7 @@ def _segment_worker(config: dict) -> None:
         step += 1
         if t_first is None:
             t_first = time.perf_counter()  # throughput leaves out the first (warm-up) step
+        post(step, {"loss": loss.detach()})  # read (a device sync) only when posted
 
         last = step == cfg.steps
         save = step % cfg.checkpoint_every == 0 or last
@@ -801,9 +841,10 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
     sources = prepare_sources(cfg)
     val_samples = list_samples(cfg.val, cfg.val_layout, cfg.resolved_val_split, "val") if cfg.val else None
     if cfg.backbone_weights:  # a wrong file fails here, with its name, not in every worker
-        load_backbone(build_segmenter(cfg.model), read_backbone(cfg.backbone_weights), cfg.backbone_weights)
+        load_backbone(build_segmenter(cfg.model), read_backbone(cfg.backbone_weights, cfg.model),
+                      backbone_file(cfg.backbone_weights, cfg.model))
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "resume")}
-    inputs = [s.uri for s in cfg.train] + [u for u in (cfg.val, cfg.backbone_weights) if u]
+    inputs = [s.uri for s in cfg.train] + [u for u in (cfg.val, cfg.backbone_weights) if u and u != IMAGENET]
     run_settings = {k: v for k, v in settings.items() if k not in CONTINUABLE}
     stage = Stage("segment", cfg.out, settings, inputs, run_settings=run_settings, precious=True)
     if not stage.begin(force, resume=cfg.resume):
@@ -821,19 +862,24 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
             streams = _Streams(cfg, sources)
             ingest = DataConfig.default_ingest_options()
             ingest.preserve_order = True  # batches must reach a worker in step order
-            trainer = TorchTrainer(
-                _segment_worker,
-                train_loop_config={"cfg": to_dict(cfg), "step_hook": step_hook},
-                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                             resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
-                run_config=RunConfig(
-                    name=RUN_NAME, **_ray_storage(cfg.out),
-                    failure_config=FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-                datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
-                dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-            )
-            result = trainer.fit()
+            log.info("segment: %s, steps %d..%d on %d worker(s)%s", cfg.model, start, cfg.steps, cfg.workers,
+                     " (GPU)" if use_gpu else "")
+            progress = TrainingProgress("segment", total=cfg.steps, batch_size=cfg.batch_size,
+                                        log_every=cfg.log_every, logger=log)
+            with progress as board:  # rank 0 posts its steps there; None when progress is not shown
+                trainer = TorchTrainer(
+                    _segment_worker,
+                    train_loop_config={"cfg": to_dict(cfg), "step_hook": step_hook, "progress": board},
+                    scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                                 resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
+                    run_config=RunConfig(
+                        name=RUN_NAME, **_ray_storage(cfg.out),
+                        failure_config=FailureConfig(max_failures=cfg.max_failures),
+                        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                    datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
+                    dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+                )
+                result = trainer.fit()
             images_per_s = (result.metrics or {}).get("images_per_s")
 
         final = segmenter_checkpoint(cfg.out)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from synreal_ray import storage
 
-log = logging.getLogger("synreal.stage")
+log = logging.getLogger(__name__)
 
 STAGE_JSON = "stage.json"
 MARKER = "_synreal_stage.json"  # written first: this folder is a stage output, and which run it holds

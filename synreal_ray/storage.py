@@ -103,6 +103,13 @@ def list_files(uri: str, suffix: str | tuple[str, ...] | None = None) -> list[st
     return sorted(out)
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under `uri`, sorted; hidden ones (`_x`, `.x`) left out. Missing -> []."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not is_hidden(i.base_name))
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:

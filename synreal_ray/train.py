@@ -40,9 +40,11 @@ Output under `out`:
 Checkpoint contract (translate.py reads it; `load_generator` below is the same for notebooks):
   state.pt   torch.save({"model_name", "model_config" (build_model kwargs), "model" (state_dict),
              "optimizers", "schedulers", "sampler" (SmartBatchSampler.state_dict()), "step",
-             "scaler" (GradScaler state or None)})
+             "scaler" (GradScaler state or None), "checkpoint_version" (the model class's)})
   meta.json  {"step", "model_name", "model_config", "image_size": [H, W], "batch_size", "seed",
-             "sampler" (the same sampler state), "state_bytes" (size of state.pt)}
+             "sampler" (the same sampler state), "state_bytes" (size of state.pt), "checkpoint_version"}
+  A checkpoint without "checkpoint_version" is version 1; one of another version than the model
+  class's (UNIT 2: LayerNorm in the decoder, issue 12) is refused with one line, never half-loaded.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import math
 import os
 import posixpath
@@ -70,11 +73,14 @@ from PIL import Image, ImageOps
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+from synreal_ray.progress import StepPoster, TrainingProgress
 from synreal_ray.sampler import SmartBatchSampler
 from synreal_ray.stage import Stage, read_info
 
 if typing.TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 RUN_NAME = "train"  # Ray Train run name under <out>/ray: fixed, so that a re-run finds its checkpoints
 STATE, META = "state.pt", "meta.json"
@@ -115,6 +121,10 @@ class TrainConfig:
     batch_size: int = 4  # global: each of the `workers` workers trains on batch_size / workers pairs
     steps: int = 2000
     lr: float | None = None  # None: the model's default (UNIT 1e-4, CycleGAN 2e-4)
+    # UNIT's lr schedule (official `lr_policy: step`): lr * lr_gamma every lr_step_size steps.
+    # CycleGAN ignores both: constant lr, then linear decay to 0 over the second half (its paper's).
+    lr_step_size: int = 100_000
+    lr_gamma: float = 0.5
     amp: bool = True  # mixed precision (fp16 autocast + GradScaler) where the worker has a GPU
     # scale and fault tolerance
     workers: int = 1
@@ -134,7 +144,8 @@ class TrainConfig:
                 raise ConfigError(f"{getattr(self, key)!r} is not one of {', '.join(LAYOUTS)}", key)
         if self.pairing == "spfeat" and self.pairs is None:
             raise ConfigError("'spfeat' pairing needs the pairs stage's output (pairs: URI)", "pairing")
-        positive = ("batch_size", "steps", "workers", "checkpoint_every", "log_every", "grid_every", "grid_images")
+        positive = ("batch_size", "steps", "workers", "checkpoint_every", "log_every", "grid_every", "grid_images",
+                    "lr_step_size")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key)
@@ -150,6 +161,8 @@ class TrainConfig:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"must be > 0 or null (the model's default), got {self.lr}", "lr")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {self.lr_gamma}", "lr_gamma")
         from synreal_ray.models import image_size_rule
 
         try:
@@ -274,18 +287,23 @@ class TrainData:
         ids = self.syn_ids if domain == "syn" else self.real_ids
         return {i: n for n, i in enumerate(ids)}
 
-    def grid_pairs(self, n: int) -> list[tuple[str, str]]:
-        """n fixed (synthetic, real) URI pairs for the grids, spread over the synthetic set: each
-        synthetic image with its nearest real layout (rank 0 in the pairs), else real image i."""
-        syn_pos = np.unique(np.linspace(0, len(self.syn_ids) - 1, min(n, len(self.syn_ids))).round().astype(int))
-        nearest = {}
-        if self.pairs is not None:
-            p = self.pairs.sort_by([("syn_id", "ascending"), ("rank", "ascending")])
-            for s, r in zip(p.column("syn_id").to_pylist(), p.column("real_id").to_pylist()):
-                nearest.setdefault(s, r)
-        real = self.index("real")
-        return [(self.syn_uris[i], self.real_uris[real[nearest[self.syn_ids[i]]]] if self.syn_ids[i] in nearest
-                 else self.real_uris[k % len(self.real_uris)]) for k, i in enumerate(syn_pos)]
+    def grid_pairs(self, cfg: TrainConfig) -> list[tuple[str, str]]:
+        """cfg.grid_images fixed (synthetic, real) URI pairs for the grids, drawn as training draws
+        them: the first pairs of a fresh sampler (seeded: the same pairs in every run of these
+        settings and after a resume), each synthetic image once. With query-real pairs that is a
+        real image and one of its synthetic neighbours drawn by w_use; random pairing gives a
+        random real image, as in training. At most one epoch is drawn (fewer pairs if it holds
+        fewer distinct synthetic images)."""
+        sampler, n = self.sampler(cfg), min(cfg.grid_images, len(self.syn_ids))
+        drawn: dict[str, str] = {}
+        for _ in range(max(1, sampler.steps_per_epoch)):
+            batch = sampler.next_batch()
+            for s, r in zip(batch.syn_ids, batch.real_ids):
+                drawn.setdefault(s, r)
+            if len(drawn) >= n:
+                break
+        syn, real = self.index("syn"), self.index("real")
+        return [(self.syn_uris[syn[s]], self.real_uris[real[r]]) for s, r in list(drawn.items())[:n]]
 
 
 def prepare_data(cfg: TrainConfig) -> TrainData:
@@ -412,10 +430,11 @@ def load_generator(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict
     """The synthetic -> real generator of a checkpoint (or of the newest checkpoint of a run's
     `out` folder), in eval mode on `device`, and the checkpoint's meta.json. Input: (B, 3, H, W)
     float in [-1, 1] at meta["image_size"] (other sizes work if divisible by 2**n_downsample)."""
-    from synreal_ray.models import build_model
+    from synreal_ray.models import build_model, check_checkpoint_version
 
     checkpoint = latest_checkpoint(uri)
     meta = read_meta(checkpoint)
+    check_checkpoint_version(meta["model_name"], meta.get("checkpoint_version"), checkpoint)
     state = read_state(checkpoint)
     model = build_model(meta["model_name"], **meta["model_config"])
     model.load_state_dict(state["model"])
@@ -431,12 +450,14 @@ def save_checkpoint(folder: str, *, cfg: TrainConfig, step: int, model, opts, sc
         "optimizers": {k: o.state_dict() for k, o in opts.items()},
         "schedulers": {k: s.state_dict() for k, s in scheds.items()},
         "sampler": sampler.state_dict(), "step": step, "scaler": scaler.state_dict() if scaler else None,
+        "checkpoint_version": model.checkpoint_version,
     }
     path = os.path.join(folder, STATE)
     torch.save(state, path)
     meta = {"step": step, "model_name": cfg.model, "model_config": cfg.full_model_config(),
             "image_size": list(cfg.size), "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "sampler": state["sampler"], "state_bytes": os.path.getsize(path)}
+            "sampler": state["sampler"], "state_bytes": os.path.getsize(path),
+            "checkpoint_version": model.checkpoint_version}
     with open(os.path.join(folder, META), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
 
@@ -444,7 +465,10 @@ def save_checkpoint(folder: str, *, cfg: TrainConfig, step: int, model, opts, sc
 def check_resumable(cfg: TrainConfig, checkpoint: str, data: TrainData) -> dict:
     """meta.json of the checkpoint to resume from, after checking it fits this config (model,
     image size, sampler inputs): a clear error here instead of one inside every restarted worker."""
+    from synreal_ray.models import check_checkpoint_version
+
     meta = read_meta(checkpoint)
+    check_checkpoint_version(meta["model_name"], meta.get("checkpoint_version"), f"{checkpoint}: cannot resume")
     want = {"model_name": cfg.model, "model_config": cfg.full_model_config(), "image_size": list(cfg.size)}
     for key, value in want.items():
         if meta.get(key) != value:
@@ -535,14 +559,14 @@ def _train_worker(config: dict) -> None:
     start, checkpoint = resume_point(run)
     ray_ckpt = ray.train.get_checkpoint()
     if rank == 0 and ray_ckpt is not None and posixpath.basename(ray_ckpt.path.rstrip("/")) != checkpoint_name(start):
-        print(f"train: Ray's latest registered checkpoint is {ray_ckpt.path}; starting from the newest complete "
-              f"one in storage instead: {checkpoint or 'none, step 0'}")
+        log.warning("train: Ray's latest registered checkpoint is %s; starting from the newest complete one in "
+                    "storage instead: %s", ray_ckpt.path, checkpoint or "none, step 0")
 
     sampler = data.sampler(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker and every run
     model = build_model(cfg.model, **cfg.model_config).to(device)
     opts = model.make_optimizers(lr=cfg.lr)
-    scheds = model.make_schedulers(opts, cfg.steps)
+    scheds = model.make_schedulers(opts, cfg.steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     if checkpoint is not None:
@@ -558,9 +582,10 @@ def _train_worker(config: dict) -> None:
         del state
     model.wrap(ray.train.torch.prepare_model)
 
+    post = StepPoster(config.get("progress") if rank == 0 else None, cfg.steps)
     if rank == 0:
-        log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
-        grid_pairs = data.grid_pairs(cfg.grid_images)
+        metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
+        grid_pairs = data.grid_pairs(cfg)
         grid_syn = np.stack([load_image(s, cfg.size) for s, _ in grid_pairs])
         grid_real = np.stack([load_image(r, cfg.size) for _, r in grid_pairs])
 
@@ -578,6 +603,7 @@ def _train_worker(config: dict) -> None:
         step += 1
         if t_first is None:
             t_first = time.perf_counter()  # throughput leaves out the first (warm-up) step
+        post(step, losses)
 
         last = step == cfg.steps
         if rank == 0 and (step % cfg.grid_every == 0 or last):
@@ -590,14 +616,14 @@ def _train_worker(config: dict) -> None:
             if last and step - start > 1:
                 metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
             if rank == 0:
-                log.add(metrics)
+                metrics_log.add(metrics)
         # Reports to Ray Train (about a second each on a small machine) come with checkpoints only;
         # the steps between go to metrics.jsonl alone.
         if save:
             if rank == 0:
-                log.flush(force=True)  # metrics up to this step exist before the checkpoint does
+                metrics_log.flush(force=True)  # metrics up to this step exist before the checkpoint does
                 storage.write_bytes(storage.join(cfg.out, "loss_curves.png"),
-                                    viz.loss_curves({cfg.model: log.records}))
+                                    viz.loss_curves({cfg.model: metrics_log.records}))
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(d, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
                                     scaler=scaler)
@@ -692,19 +718,24 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None 
         streams = _Streams(cfg, data)
         ingest = DataConfig.default_ingest_options()
         ingest.preserve_order = True  # batches must reach a worker in step order
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config={"cfg": to_dict(cfg), "data": data, "step_hook": step_hook},
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
-            run_config=RunConfig(
-                name=RUN_NAME, **_ray_storage(cfg.out),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-            datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
-            dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-        )
-        result = trainer.fit()
+        log.info("train: %s, steps %d..%d on %d worker(s)%s", cfg.model, start, cfg.steps, cfg.workers,
+                 " (GPU)" if use_gpu else "")
+        progress = TrainingProgress("train", total=cfg.steps, batch_size=cfg.batch_size, log_every=cfg.log_every,
+                                    logger=log, keys=("gen_total", "dis_total"))
+        with progress as board:  # rank 0 posts its steps there; None when progress is not shown
+            trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config={"cfg": to_dict(cfg), "data": data, "step_hook": step_hook, "progress": board},
+                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
+                run_config=RunConfig(
+                    name=RUN_NAME, **_ray_storage(cfg.out),
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
+                dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+            )
+            result = trainer.fit()
         images_per_s = (result.metrics or {}).get("images_per_s")
 
     final = latest_checkpoint(run)

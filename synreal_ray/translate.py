@@ -26,9 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -37,6 +37,9 @@ import numpy as np
 from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+from synreal_ray.progress import bar as progress_bar
+
+log = logging.getLogger(__name__)
 
 STATE = "state.pt"
 META = "meta.json"
@@ -92,7 +95,7 @@ def read_generator(checkpoint_uri: str) -> dict:
     or optimisers), so actors anywhere on the cluster get it through the object store."""
     import torch
 
-    from synreal_ray.models import build_model
+    from synreal_ray.models import build_model, check_checkpoint_version
 
     uri = storage.join(checkpoint_uri, STATE)
     try:  # weights_only: the training stage saves tensors, numbers and strings only; no pickled code
@@ -104,6 +107,7 @@ def read_generator(checkpoint_uri: str) -> dict:
     for key in ("model_name", "model_config", "model"):
         if key not in ckpt:
             raise ValueError(f"{uri}: checkpoint lacks key {key!r} (has {sorted(ckpt)})")
+    check_checkpoint_version(ckpt["model_name"], ckpt.get("checkpoint_version"), uri)
     model = build_model(ckpt["model_name"], **ckpt["model_config"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -315,16 +319,6 @@ def _remove_temporaries(out: str) -> int:
     return len(stale)
 
 
-def _progress(total: int, initial: int):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, unit="img", desc="translate", file=sys.stderr,
-                    mininterval=1.0, dynamic_ncols=True)
-    except ImportError:  # progress is a nicety
-        return None
-
-
 def _manifest_from_journal(out: str, samples) -> pa.Table:  # noqa: F821
     """One row per sample, in id order, from the journal; duplicates (a batch retried, or
     re-done by a resumed run while a killed one was still writing) are reconciled against the
@@ -403,7 +397,8 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
         results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
                                  compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
                                  batch_format="numpy", **resources)
-        bar = _progress(len(samples), len(done))
+        results.context.enable_progress_bars = False  # the stage's own bar below counts images
+        bar = progress_bar(len(samples), "translate", "img", log, initial=len(done))
         errors = []
         for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             for e in batch["errors"]:

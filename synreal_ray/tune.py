@@ -1,15 +1,23 @@
-"""Ray Tune sweep over the method's knobs, scored by FID.
+"""Ray Tune sweep over the method's knobs, scored by FID, KID, consistency mIoU or downstream mIoU.
 
 The search space covers K (pairs), the SP-Feat levels (slice granularity), the KLIEP kernel width,
-the model and the weighting mode. A trial runs pairs -> training -> translating a fixed validation
-subset of the synthetic set -> FID against the real set, once per training milestone, and reports
-the FID after each milestone, so an ASHA scheduler can stop weak trials early. The stages that
-trials share are computed once on the driver before Tune starts: features per levels, KLIEP per
-(levels, σ), the validation subset, the real set's Inception activations. Every stage skips work
-that is already published, so a restored sweep (`Tuner.restore`) does not redo finished parts.
+the model and the weighting mode. A trial runs pairs -> training -> its metric (`tune.metric`), once
+per training milestone, and reports the metric after each milestone, so an ASHA scheduler can stop
+weak trials early. A trial computes only what its metric needs:
+
+  fid, kid           translate a fixed validation subset of the synthetic set; FID or KID against
+                     the real val split (the real train split where there is none); lower is better
+  consistency_miou   translate the validation subset; the judge (a segmenter trained on real
+                     train once, before the trials) scores it against the synthetic labels
+  downstream_miou    translate the whole synthetic set; train a segmenter on it (`segment:`) and
+                     score it on the real val split; higher is better
+
+The stages that trials share are computed once on the driver before Tune starts: features per
+levels, KLIEP per (levels, σ), the validation subset, the judge. Every stage skips work that is
+already published, so a restored sweep (`Tuner.restore`) does not redo finished parts.
 
 Output under the sweep's `out`:
-  cache/                 shared features, kliep outputs, the validation subset
+  cache/                 shared features, kliep outputs, the validation subset, the judge (segment/real)
   trials/<trial id>/     each trial's pairs, training run and translations
   tune/                  Ray Tune's experiment folder (what `Tuner.restore` reads)
   results.csv, results.md (best first), best.yaml (a config `synreal run` accepts)
@@ -30,17 +38,18 @@ import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from synreal_ray import storage
 from synreal_ray.config import ConfigError, from_dict, to_dict
-from synreal_ray.pipeline import PipelineConfig, RunSpec, _plain, fid_between, inception_weights
+from synreal_ray.pipeline import PipelineConfig, RunSpec, _plain, inception_weights
 
-log = logging.getLogger("synreal.tune")
+log = logging.getLogger(__name__)
 
-METRIC = "fid"
+METRICS = {"fid": "min", "kid": "min", "consistency_miou": "max", "downstream_miou": "max"}  # metric: Tune's mode
+LABELS = {"fid": "FID", "kid": "KID", "consistency_miou": "consistency mIoU", "downstream_miou": "downstream mIoU"}
 PARAMS = ("k", "levels", "sigma", "model", "weighting")
 
 
@@ -66,7 +75,8 @@ class SearchSpace:
 @dataclass(frozen=True)
 class TuneSection:
     space: SearchSpace = field(default_factory=SearchSpace)
-    milestones: tuple[int, ...] = (100, 200)  # training steps after which a trial reports its FID
+    metric: Literal["fid", "kid", "consistency_miou", "downstream_miou"] = "fid"  # what trials report and Tune ranks
+    milestones: tuple[int, ...] = (100, 200)  # training steps after which a trial reports its metric
     val_images: int = 32  # the fixed synthetic subset every trial translates and scores
     scheduler: str = "asha"  # or "fifo"
     grace_period: int = 1  # milestones a trial always gets under ASHA
@@ -83,6 +93,13 @@ class TuneSection:
                 raise ConfigError(f"must be >= {low}, got {getattr(self, key)}", key)
         if not self.trial_cpus > 0:
             raise ConfigError(f"must be > 0, got {self.trial_cpus}", "trial_cpus")
+        if self.metric not in METRICS:
+            raise ConfigError(f"{self.metric!r} is not one of {', '.join(METRICS)}", "metric")
+
+    @property
+    def mode(self) -> str:
+        """Tune's mode for the metric: min for FID and KID, max for the mIoUs."""
+        return METRICS[self.metric]
 
 
 def check_space(cfg: PipelineConfig, space: SearchSpace) -> None:
@@ -149,7 +166,8 @@ def _levels_key(levels: str) -> str:
 def cache_paths(cfg: PipelineConfig, levels: str, sigma: float | None) -> dict[str, str]:
     c = lambda *p: storage.join(cfg.out, "cache", *p)  # noqa: E731
     return {"syn": c("features", _levels_key(levels), "syn"), "real": c("features", _levels_key(levels), "real"),
-            "kliep": c("kliep", _levels_key(levels), _sigma_key(sigma)), "val": c("val-syn")}
+            "kliep": c("kliep", _levels_key(levels), _sigma_key(sigma)), "val": c("val-syn"),
+            "judge": c("segment", "real")}
 
 
 def prepare_shared(cfg: PipelineConfig, tune_cfg: TuneSection) -> None:
@@ -168,6 +186,14 @@ def prepare_shared(cfg: PipelineConfig, tune_cfg: TuneSection) -> None:
             kl = {**dataclasses.asdict(cfg.kliep), "sigma": sigma}
             run_kliep(KliepConfig(syn=cp["syn"], real=cp["real"], out=cp["kliep"], **kl))
     write_validation_subset(cfg, tune_cfg.val_images)
+    if tune_cfg.metric == "consistency_miou":
+        from synreal_ray.pipeline import judge_config
+        from synreal_ray.segment import run_segment
+
+        log.info("training the judge (a segmenter on real train) that scores every trial's consistency")
+        run_segment(judge_config(cfg, cache_paths(cfg, "1", None)["judge"]))
+    elif tune_cfg.metric in ("fid", "kid"):
+        inception_weights(cfg)  # the random-weight fallback is written once, before trials race for it
 
 
 def write_validation_subset(cfg: PipelineConfig, n: int) -> str:
@@ -200,14 +226,42 @@ def trial_config(cfg: PipelineConfig, params: dict[str, Any], trial_dir: str) ->
                       weighting=params["weighting"]),))
 
 
+def trial_metric(cfg: PipelineConfig, tcfg: PipelineConfig, metric: str, checkpoint: str, step: int) -> float:
+    """The trial's metric after `step` training steps (checkpoint: the training run's out)."""
+    from synreal_ray.datasets.layouts import image_root
+    from synreal_ray.pipeline import downstream_config, fid_kid_between, real_val_split, run_consistency
+    from synreal_ray.translate import TranslateConfig, run_translate
+
+    d = cfg.data
+    whole = metric == "downstream_miou"  # a training set: the whole synthetic set
+    out = storage.join(tcfg.out, f"{'translated' if whole else 'val-translated'}-{step}")
+    run_translate(TranslateConfig(checkpoint=checkpoint, dataset=d.syn if whole else cache_paths(cfg, "1", None)["val"],
+                                  layout=d.syn_layout, split=d.syn_split, out=out, batch_size=cfg.translate.batch_size,
+                                  scale=cfg.translate.scale))
+    if metric in ("fid", "kid"):
+        weights, _ = inception_weights(cfg)
+        ref = image_root(d.real, d.real_layout, real_val_split(cfg) or d.real_split)
+        return fid_kid_between(cfg, image_root(out, d.syn_layout, d.syn_split), ref, weights)[metric]
+    if metric == "consistency_miou":
+        record = run_consistency(cfg, cache_paths(cfg, "1", None)["judge"], out,
+                                 storage.join(tcfg.out, f"consistency-{step}"))
+    else:
+        from synreal_ray.segment import run_segment
+
+        seg = storage.join(tcfg.out, f"segment-{step}")
+        run_segment(downstream_config(cfg, out, seg))
+        record = storage.read_json(storage.join(seg, "val", "eval.json"))
+    if record["miou"] is None:
+        raise ValueError(f"{metric}: no class could be scored (no labelled pixels)")
+    return record["miou"]
+
+
 def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection) -> None:
     import ray.tune
 
-    from synreal_ray.datasets.layouts import image_root
     from synreal_ray.pairing import PairsConfig, run_pairs
     from synreal_ray.pipeline import train_config
     from synreal_ray.train import run_train
-    from synreal_ray.translate import TranslateConfig, run_translate
 
     trial_dir = storage.join(cfg.out, "trials", ray.tune.get_context().get_trial_id())
     tcfg = trial_config(cfg, params, trial_dir)
@@ -216,8 +270,6 @@ def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection
     run_pairs(PairsConfig(syn=cp["syn"], real=cp["real"], weights=cp["kliep"], out=pairs, k=params["k"],
                           max_distance=cfg.pairs.max_distance, index=cfg.pairs.index, query=cfg.pairs.query,
                           max_uses=cfg.pairs.max_uses))
-    weights, _ = inception_weights(cfg)
-    real_img = image_root(cfg.data.real, cfg.data.real_layout, cfg.data.real_split)
     run = tcfg.runs[0]
     for step in tune_cfg.milestones:
         # Each milestone continues the same training run from its last checkpoint.
@@ -225,17 +277,14 @@ def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection
                                     weights=cp["kliep"] if run.weighting != "none" else None,
                                     steps=step, resume=True, checkpoint_every=step)
         run_train(train)
-        out = storage.join(trial_dir, f"val-translated-{step}")
-        run_translate(TranslateConfig(checkpoint=train.out, dataset=cp["val"], layout=cfg.data.syn_layout,
-                                      split=cfg.data.syn_split, out=out, batch_size=cfg.translate.batch_size))
-        fid = fid_between(cfg, image_root(out, cfg.data.syn_layout, cfg.data.syn_split), real_img, weights)
-        ray.tune.report({METRIC: fid, "step": step})
+        value = trial_metric(cfg, tcfg, tune_cfg.metric, train.out, step)
+        ray.tune.report({tune_cfg.metric: value, "step": step})
 
 
 # --- the sweep ---
 
 class SweepFailedError(RuntimeError):
-    """No trial produced a FID; results.md names each trial's error and traceback file."""
+    """No trial produced its metric; results.md names each trial's error and traceback file."""
 
 
 def num_trials(space: SearchSpace) -> int:
@@ -331,12 +380,12 @@ def run_sweep(cfg: PipelineConfig, tune_cfg: TuneSection, force: bool = False) -
     else:
         stop = (f"; ASHA stops weak trials after {tune_cfg.grace_period} milestone(s)"
                 if tune_cfg.scheduler == "asha" and len(tune_cfg.milestones) > tune_cfg.grace_period else "")
-        log.info("sweep of %s (%s), %d at a time, FID after %s steps%s; results in %s", _trials(total), grid,
-                 tune_cfg.max_concurrent_trials, ", ".join(map(str, tune_cfg.milestones)), stop, cfg.out)
+        log.info("sweep of %s (%s), %d at a time, %s after %s steps%s; results in %s", _trials(total), grid,
+                 tune_cfg.max_concurrent_trials, LABELS[tune_cfg.metric], ", ".join(map(str, tune_cfg.milestones)), stop, cfg.out)
     init_ray()
-    log.info("computing what the trials share (features, KLIEP, the validation subset)")
+    log.info("computing what the trials share (features, KLIEP, the validation subset%s)",
+             ", the judge" if tune_cfg.metric == "consistency_miou" else "")
     prepare_shared(cfg, tune_cfg)
-    inception_weights(cfg)  # the random-weight fallback is written once, before trials race for it
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, cfg=cfg, tune_cfg=tune_cfg), {"cpu": tune_cfg.trial_cpus})
     callbacks = [_eta_callback(total, tune_cfg.max_concurrent_trials)]
@@ -349,12 +398,12 @@ def run_sweep(cfg: PipelineConfig, tune_cfg: TuneSection, force: bool = False) -
         tuner = ray.tune.Tuner(
             trainable,
             param_space=_space(tune_cfg.space),
-            tune_config=ray.tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
+            tune_config=ray.tune.TuneConfig(metric=tune_cfg.metric, mode=tune_cfg.mode, scheduler=scheduler,
                                             max_concurrent_trials=tune_cfg.max_concurrent_trials),
             run_config=ray.tune.RunConfig(name="sweep", storage_path=storage_path, verbose=1, callbacks=callbacks))
     results = tuner.fit()
-    rows = result_rows(results, cfg.out)
-    write_results(cfg, rows, results)
+    rows = result_rows(results, cfg.out, tune_cfg.metric)
+    write_results(cfg, rows, results, tune_cfg.metric)
     return rows
 
 
@@ -407,21 +456,23 @@ def full_traceback(err: Any) -> str:
     return _ANSI.sub("", text)
 
 
-def result_rows(results, out: str) -> list[dict[str, Any]]:
-    """One row per trial of a Tune ResultGrid, best FID first, failed trials last. A failed
+def result_rows(results, out: str, metric: str = "fid") -> list[dict[str, Any]]:
+    """One row per trial of a Tune ResultGrid, best `metric` first (lowest FID/KID, highest
+    mIoU), failed trials last. A failed
     trial's traceback is written to `errors/<trial id>.txt` under `out` and named in its row."""
     rows = []
     for r in results:
         config, metrics = r.config or {}, r.metrics or {}
         trial = metrics.get("trial_id")
-        row = {**{k: config.get(k) for k in PARAMS}, METRIC: metrics.get(METRIC), "step": metrics.get("step"),
+        row = {**{k: config.get(k) for k in PARAMS}, metric: metrics.get(metric), "step": metrics.get("step"),
                "trial": trial, "error": None, "traceback": None}
         if r.error is not None:
             rel = f"errors/{trial or len(rows)}.txt"
             storage.write_bytes(storage.join(out, *rel.split("/")), full_traceback(r.error).encode())
             row.update(error=one_line_error(r.error), traceback=rel)
         rows.append(row)
-    rows.sort(key=lambda r: (r[METRIC] is None, r[METRIC] if r[METRIC] is not None else 0))
+    sign = 1 if METRICS[metric] == "min" else -1
+    rows.sort(key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0))
     return rows
 
 
@@ -430,37 +481,41 @@ def _cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
-def write_results(cfg: PipelineConfig, rows: list[dict[str, Any]], results=None) -> None:
+def _value(metric: str, value: float) -> str:
+    return f"{100 * value:.1f}%" if metric.endswith("miou") else f"{value:.4f}" if metric == "kid" else f"{value:.2f}"
+
+
+def write_results(cfg: PipelineConfig, rows: list[dict[str, Any]], results=None, metric: str = "fid") -> None:
     """results.csv, results.md (best first) and best.yaml: the best trial's setting as a pipeline
     config, trained for the steps at which it scored (`synreal run --config best.yaml`)."""
-    cols = (*PARAMS, METRIC, "step", "trial", "error", "traceback")
+    cols = (*PARAMS, metric, "step", "trial", "error", "traceback")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: "" if r[c] is None else r[c] for c in cols} for r in rows)
-    md = ["| rank | K | levels | sigma | model | weighting | FID | steps | trial |",
+    md = [f"| rank | K | levels | sigma | model | weighting | {LABELS[metric]} | steps | trial |",
           "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        fid = f"{r[METRIC]:.2f}" if r[METRIC] is not None else "–"
+        value = _value(metric, r[metric]) if r[metric] is not None else "–"
         if r["error"]:
-            fid += f" (failed: {r['error']}; traceback: {r['traceback']})"
+            value += f" (failed: {r['error']}; traceback: {r['traceback']})"
         md.append("| " + " | ".join(_cell(v) for v in (i, r["k"], r["levels"], _sigma_key(r["sigma"]), r["model"],
-                                                       r["weighting"], fid, r["step"] or "–", r["trial"] or "–")) + " |")
+                                                       r["weighting"], value, r["step"] or "–", r["trial"] or "–")) + " |")
     storage.write_bytes(storage.join(cfg.out, "results.csv"), buf.getvalue().encode())
     storage.write_bytes(storage.join(cfg.out, "results.md"), ("\n".join(md) + "\n").encode())
     log.info("results (%s):\n%s", storage.join(cfg.out, "results.md"), "\n".join(md))
-    scored = [r for r in rows if r[METRIC] is not None]
+    scored = [r for r in rows if r[metric] is not None]
     if not scored:
         raise SweepFailedError(f"every trial failed; see {storage.join(cfg.out, 'results.md')} and the tracebacks "
                            f"in {storage.join(cfg.out, 'errors')}")
     best = scored[0]
     if results is not None and len(scored) > 1:
-        r = results.get_best_result(metric=METRIC, mode="min", scope="last")
+        r = results.get_best_result(metric=metric, mode=METRICS[metric], scope="last")
         best = next((row for row in scored if row["trial"] == (r.metrics or {}).get("trial_id")), best)
     best_cfg = trial_config(cfg, best, storage.join(cfg.out, "best-run"))
     best_cfg = dataclasses.replace(best_cfg, train={**best_cfg.train, "steps": best["step"]})
     storage.write_bytes(storage.join(cfg.out, "best.yaml"),
                         yaml.safe_dump(_plain(to_dict(best_cfg)), sort_keys=False).encode())
-    log.info("best: FID %.2f (K %s, levels %s, sigma %s, %s, weighting %s, %s steps); its config: %s "
-             "(synreal run --config it)", best[METRIC], best["k"], best["levels"], _sigma_key(best["sigma"]),
+    log.info("best: %s %s (K %s, levels %s, sigma %s, %s, weighting %s, %s steps); its config: %s "
+             "(synreal run --config it)", LABELS[metric], _value(metric, best[metric]), best["k"], best["levels"], _sigma_key(best["sigma"]),
              best["model"], best["weighting"], best["step"], storage.join(cfg.out, "best.yaml"))

@@ -125,3 +125,25 @@ def confusion_matrix(cm: np.ndarray, names: list[str] | tuple[str, ...], title: 
         ax.set_title(title)
     fig.tight_layout()
     return _figure_bytes(fig)
+
+
+def iou_bars(rows: list[tuple[str, float]], title: str = "") -> bytes:
+    """PNG bytes of horizontal bars: IoU per class (fractions 0..1), classes in the given order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, values = [n for n, _ in rows], [100 * v for _, v in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), values, color="tab:green")
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    for y, v in enumerate(values):
+        ax.text(min(v + 1, 92), y, f"{v:.1f}", va="center", fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _figure_bytes(fig)

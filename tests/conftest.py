@@ -45,6 +45,9 @@ os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_REGION": "us-east-1",
     "MPLBACKEND": "Agg",
+    # tests never download: pytorch-fid's weights come from a "mirror" that does not exist, so
+    # without a cached copy FID falls back as it does offline (tests/test_weights.py serves one)
+    "SYNREAL_INCEPTION_URL": "file:///nonexistent/pt_inception-2015-12-05-6726825d.pth",
 })
 tempfile.tempdir = str(RUN_DIR)
 
@@ -163,6 +166,16 @@ def s3_bucket(s3_server):
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(Bucket=name)
     yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> str:
+    """One seeded random-weight Inception file in pytorch-fid's format for the whole session (the
+    tests have no network for the real one; building it costs seconds, so it is built once).
+    Read-only by convention: copy it where a test needs the file under another name."""
+    from synreal_ray.fid import make_random_inception_weights
+
+    return make_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "random-seed0.pth"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_set_assignments(tmp_path):
     for items, message in [(["train.stepz=3"], r"demo.yaml: train \(run unit-baseline\).stepz: unknown key"),
                            (["train.steps=many"], r"train \(run unit-baseline\).steps: expected int, got 'many'"),
                            (["trian.steps=3"], "demo.yaml: trian: unknown key"),
-                           (["train.steps.x=3"], "train.steps: is 120, not a section"),
+                           (["train.steps.x=3"], "train.steps: is \\d+, not a section"),
                            (["fid.dims=65"], "fid.dims: 65 is not one of")]:
         with pytest.raises(ConfigError, match=message):
             load_pipeline_config(demo, None, parse_assignments(items))

@@ -17,6 +17,8 @@ def test_label_table():
     np.testing.assert_array_equal(to_train_ids(LABEL_ID_OF_TRAIN), np.arange(NUM_CLASSES))
     with pytest.raises(ValueError, match=r"label ID\(s\) \[34, 200\] outside the Cityscapes table"):
         to_train_ids(np.array([[34, 7, 200]], dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"label ID\(s\) \[77\] outside"):  # beside ignored pixels (0 -> 255)
+        to_train_ids(np.array([[0, 77, 7]], dtype=np.uint8))
 
 
 def test_demo_layouts_are_listed_with_stable_relative_ids(demo_data):

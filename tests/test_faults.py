@@ -22,7 +22,7 @@ import pytest
 
 from synreal_ray import features, storage
 from synreal_ray.features import FeaturesConfig, load_features, run_features
-from synreal_ray.fid import FidConfig, make_random_inception_weights, run_fid
+from synreal_ray.fid import FidConfig, run_fid
 from synreal_ray.pairing import PairsConfig, load_pairs, run_pairs
 from synreal_ray.translate import MANIFEST, TranslateConfig, run_translate
 from synreal_ray.weighting import KliepConfig, load_weights, run_kliep
@@ -161,8 +161,8 @@ def check_translation(out: str) -> None:
         assert hashlib.sha256(storage.read_bytes(uri)).hexdigest() == checksum, uri
 
 
-def test_fid_survives_a_killed_inception_actor_with_the_same_value(ray_cluster, demo_data, tmp_path):
-    weights = make_random_inception_weights(str(tmp_path / "w.pth"), seed=0)
+def test_fid_survives_a_killed_inception_actor_with_the_same_value(ray_cluster, demo_data, tmp_path, random_inception):
+    weights = random_inception
     kw = dict(a=str(demo_data / "syn" / "img" / "rgb"), b=str(demo_data / "real" / "leftImg8bit" / "train"),
               weights=weights, dims=64, batch_size=2, actors=1)
     clean = run_fid(FidConfig(cache=str(tmp_path / "clean"), **kw))["fid"]

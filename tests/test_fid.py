@@ -37,9 +37,9 @@ def write_images(folder, n: int, seed: int, bright: float = 0.0, size=(32, 48)) 
 
 
 @pytest.fixture(scope="module")
-def fid_data(tmp_path_factory):
+def fid_data(tmp_path_factory, random_inception):
     root = tmp_path_factory.mktemp("fid")
-    weights = fid.make_random_inception_weights(str(root / "weights.pth"), seed=0)
+    weights = random_inception
     write_images(root / "a", N, seed=1)
     write_images(root / "b", N, seed=2, bright=0.3)
     return {"root": root, "weights": weights, "a": str(root / "a"), "b": str(root / "b"), "cache": str(root / "cache")}
@@ -162,7 +162,9 @@ def test_cli_error_without_weights(fid_data, tmp_path):
                         "--cache", str(tmp_path / "c")], capture_output=True, text=True, env=env, cwd=RUN_DIR,
                        timeout=240)
     assert p.returncode == 2
-    assert p.stderr.startswith("error: no Inception weights for FID") and "--inception-weights" in p.stderr
+    # the log says what it tried to download, then one error line
+    assert p.stderr.splitlines()[-1].startswith("error: no Inception weights for FID") and "--inception-weights" in p.stderr
+    assert "downloading pytorch-fid's FID Inception weights" in p.stderr
 
 
 @pytest.mark.slow

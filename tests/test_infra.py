@@ -19,6 +19,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 MANIFESTS = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
+# a RayJob has a generated name per run, so its NetworkPolicies live in a file applied once
+POLICIES = {"kuberay/raycluster.yaml": "kuberay/raycluster.yaml", "kuberay/rayjob.yaml": "kuberay/rayjob-network.yaml"}
 RAY_PORTS = (8265, 6379, 10001)  # dashboard + Jobs API, GCS, Ray Client
 OPEN_CIDRS = {"0.0.0.0/0", "::/0"}
 
@@ -134,7 +136,7 @@ def _admits_port(rule: dict, port: int) -> bool:
 
 @pytest.mark.parametrize("rel", MANIFESTS)
 def test_kuberay_head_ports_closed_by_networkpolicy(rel):
-    docs = _docs(rel)
+    docs = _docs(POLICIES[rel])
     spec = _ray_cluster_spec(_ray_doc(rel))
     head = spec["headGroupSpec"]
     assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{rel}: head service must stay ClusterIP"
@@ -171,6 +173,51 @@ def test_kuberay_head_ports_closed_by_networkpolicy(rel):
                 if _admits_port(rule, 8265) and (names_ns or client_label):
                     submitters += 1
     assert submitters, f"{rel}: nothing named (namespace or label) may reach the Jobs API on 8265"
+
+
+def test_kuberay_rayjob_generated_name_and_policies_apart():
+    """`kubectl create -f rayjob.yaml` twice gives two jobs: a generated name, and nothing else in
+    the file (fixed-name objects would collide on the second create)."""
+    docs = _docs("kuberay/rayjob.yaml")
+    assert [d["kind"] for d in docs] == ["RayJob"]
+    meta = docs[0]["metadata"]
+    assert "name" not in meta and meta.get("generateName", "").endswith("-")
+    assert {d["kind"] for d in _docs(POLICIES["kuberay/rayjob.yaml"])} == {"NetworkPolicy"}
+    for text in ((INFRA / "README.md").read_text(), (REPO / "README.md").read_text()):
+        assert "kubectl apply -f infra/kuberay/rayjob.yaml" not in text
+    assert "kubectl create -f infra/kuberay/rayjob.yaml" in (INFRA / "README.md").read_text()
+
+
+@pytest.mark.parametrize("rel", MANIFESTS)
+def test_kuberay_autoscaling_gpu_tolerations_logs_and_prestop(rel):
+    spec = _ray_cluster_spec(_ray_doc(rel))
+    groups = spec["workerGroupSpecs"]
+    if any("minReplicas" in g or "maxReplicas" in g for g in groups):
+        assert spec.get("enableInTreeAutoscaling") is True, f"{rel}: min/maxReplicas without the autoscaler"
+        for g in groups:
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], f"{rel} {g['groupName']}: replicas"
+        # the sidecar is a container of the head too: token auth, hardening, a writable /tmp
+        auto = spec["autoscalerOptions"]
+        sc, env = auto["securityContext"], {e["name"]: e for e in auto["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "valueFrom" in env["RAY_AUTH_TOKEN"], rel
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False, rel
+        assert "/tmp" in {m["mountPath"] for m in auto["volumeMounts"]}, rel
+        head_volumes = {v["name"] for v in spec["headGroupSpec"]["template"]["spec"]["volumes"]}
+        assert {m["name"] for m in auto["volumeMounts"]} <= head_volumes, f"{rel}: autoscaler mounts a missing volume"
+    for where, template in _pod_templates(rel).items():
+        if where == "submitter":
+            continue
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        gpus = any("nvidia.com/gpu" in (c.get("resources") or {}).get("limits", {}) for c in _containers(template))
+        tolerated = {t.get("key") for t in pod.get("tolerations", []) if t.get("effect") in (None, "NoSchedule")}
+        assert not gpus or "nvidia.com/gpu" in tolerated, f"{rel} {where}: GPU pods must tolerate the nvidia.com/gpu taint"
+        for c in _containers(template):
+            label = f"{rel} {where}/{c['name']}"
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp/ray" in mounts and "emptyDir" in volumes[mounts["/tmp/ray"]], f"{label}: no log volume at /tmp/ray"
+            command = c["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[-1] == "ray stop", f"{label}: preStop must run `ray stop`"
 
 
 # ---------------------------------------------------------------------------------- launcher

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synreal_ray.models import UNIT, CycleGAN, build_model, default_config
-from synreal_ray.models.blocks import ImagePool
+from synreal_ray.models import UNIT, CycleGAN, build_model, check_checkpoint_version, default_config
+from synreal_ray.models.blocks import ImagePool, LayerNorm, UpBlock
 from synreal_ray.models.losses import kl_per_sample, l1_per_sample, lsgan_loss, weighted_mean
 
 H, W = 32, 64
@@ -58,7 +58,7 @@ def test_per_sample_losses_with_unit_weights_equal_the_plain_torch_losses():
     assert torch.allclose(weighted_mean(kl_per_sample(a), ones), (a**2).mean())
     assert torch.allclose(weighted_mean(lsgan_loss(a, True), ones), F.mse_loss(a, torch.ones_like(a)))
     assert torch.allclose(weighted_mean(lsgan_loss(a, False), ones), F.mse_loss(a, torch.zeros_like(a)))
-    multi = sum(F.mse_loss(s, torch.ones_like(s)) for s in scales) / len(scales)
+    multi = sum(F.mse_loss(s, torch.ones_like(s)) for s in scales)  # summed over scales, as official UNIT
     assert torch.allclose(weighted_mean(lsgan_loss(scales, True), ones), multi)
     assert lsgan_loss(scales, True).shape == (4,)
     assert torch.equal(weighted_mean(l1_per_sample(a, b), None), l1_per_sample(a, b).mean())
@@ -74,6 +74,47 @@ def test_weighted_mean_divides_by_batch_size_not_by_weight_sum():
 
 
 # -- shapes and interface -------------------------------------------------------------------
+
+
+def test_unit_decoder_upsampling_blocks_hold_a_layernorm_over_c_h_w_per_sample():
+    """Official UNIT Decoder: Upsample + Conv2dBlock(norm='ln'); its LayerNorm normalises each
+    sample over all of (C, H, W) with the unbiased std, (x - mean) / (std + eps), then a
+    per-channel gamma, beta. The residual blocks keep InstanceNorm."""
+    model = tiny("unit")
+    for side in ("dec_syn", "dec_real"):
+        ups = [m for m in model.generators[side] if isinstance(m, UpBlock)]
+        assert len(ups) == 2  # n_downsample
+        assert all(isinstance(u[1][1], LayerNorm) for u in ups)
+    assert not any(isinstance(m, LayerNorm) for k in ("enc_syn", "enc_shared", "dec_shared")
+                   for m in model.generators[k].modules())
+    ln = LayerNorm(3)
+    with torch.no_grad():
+        ln.gamma.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        ln.beta.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5) * torch.tensor([1.0, 10.0]).view(2, 1, 1, 1) + 3  # samples on other scales
+    y = ln(x)
+    by_hand = torch.stack([(s - s.mean()) / (s.flatten().std(unbiased=True) + 1e-5) for s in x])
+    assert torch.allclose(y, by_hand * ln.gamma.view(1, 3, 1, 1) + ln.beta.view(1, 3, 1, 1), atol=1e-6)
+    unit = (y - ln.beta.view(1, 3, 1, 1)) / ln.gamma.view(1, 3, 1, 1)
+    assert torch.allclose(unit.flatten(1).mean(1), torch.zeros(2), atol=1e-5)  # per sample, not per channel
+    assert torch.allclose(unit.flatten(1).std(1), torch.ones(2), atol=1e-4)
+    assert not torch.allclose(unit.mean((2, 3)), torch.zeros(2, 3), atol=1e-2)
+    assert torch.allclose(ln(x[1:]), y[1:], atol=1e-6)  # no sample changes another's output
+
+
+def test_checkpoints_of_another_version_fail_with_one_line():
+    """UNIT checkpoints written before the decoder's LayerNorm (no checkpoint_version: version 1)
+    cannot load into the new decoder; CycleGAN's layout did not change."""
+    check_checkpoint_version("unit", UNIT.checkpoint_version, "ckpt")
+    check_checkpoint_version("cyclegan", None, "ckpt")
+    with pytest.raises(ValueError) as e:
+        check_checkpoint_version("unit", None, "out/train/checkpoint_00000500")
+    assert str(e.value).startswith("out/train/checkpoint_00000500: a unit checkpoint of version 1, this code loads version 2")
+    assert "LayerNorm" in str(e.value) and "\n" not in str(e.value)
+    old = {k: v for k, v in tiny("unit").state_dict().items() if ".gamma" not in k and ".beta" not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):  # what the version check spares the user
+        tiny("unit").load_state_dict(old)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -205,14 +246,17 @@ def test_cyclegan_with_unit_weights_equals_the_unweighted_baseline():
 
 
 def test_unit_with_unit_weights_equals_the_unweighted_baseline(monkeypatch):
-    model = tiny("unit")
+    """The official UNIT losses by hand (trainer.py, networks.py MsImageDis): the LSGAN terms SUMMED
+    over the discriminator scales (`loss += mean((D_s(x) - t)^2)` per scale s), and the
+    discriminators minimising gan_w * (loss_dis_syn + loss_dis_real); gan_w 2 so its place shows."""
+    model = tiny("unit", gan_w=2.0)
     monkeypatch.setattr(model, "_noise_like", torch.zeros_like)  # deterministic latent codes
     xs, xr = images(2, 1), images(2, 2)
     got = model.compute_losses(xs, xr, torch.ones(2), torch.ones(2))
     G, D = model.generators, model.discriminators
     enc = lambda x, d: G["enc_shared"](G[f"enc_{d}"](x))  # noqa: E731
     dec = lambda z, d: G[f"dec_{d}"](G["dec_shared"](z))  # noqa: E731
-    mse = lambda outs, t: sum(F.mse_loss(o, torch.full_like(o, t)) for o in outs) / len(outs)  # noqa: E731
+    mse = lambda outs, t: sum(F.mse_loss(o, torch.full_like(o, t)) for o in outs)  # noqa: E731
     mu_s, mu_r = enc(xs, "syn"), enc(xr, "real")
     fr, fs = dec(mu_s, "real"), dec(mu_r, "syn")
     mu_sr, mu_rs = enc(fr, "real"), enc(fs, "syn")
@@ -227,11 +271,13 @@ def test_unit_with_unit_weights_equals_the_unweighted_baseline(monkeypatch):
         "cyc_real": F.l1_loss(dec(mu_rs, "real"), xr),
         "kl_cyc_syn": (mu_sr**2).mean(),
         "kl_cyc_real": (mu_rs**2).mean(),
-        "dis_syn": mse(D["syn"](xs), 1.0) + mse(D["syn"](fs.detach()), 0.0),
-        "dis_real": mse(D["real"](xr), 1.0) + mse(D["real"](fr.detach()), 0.0),
+        "dis_syn": 2 * (mse(D["syn"](xs), 1.0) + mse(D["syn"](fs.detach()), 0.0)),
+        "dis_real": 2 * (mse(D["real"](xr), 1.0) + mse(D["real"](fr.detach()), 0.0)),
     }
+    assert len(D["real"](xr)) == 2  # two scales: a mean over them would halve the adversarial terms
+    ref["dis_total"] = ref["dis_syn"] + ref["dis_real"]
     ref["gen_total"] = (
-        ref["gen_adv_s2r"] + ref["gen_adv_r2s"]
+        2 * (ref["gen_adv_s2r"] + ref["gen_adv_r2s"])
         + 10 * (ref["recon_syn"] + ref["recon_real"] + ref["cyc_syn"] + ref["cyc_real"])
         + 0.01 * (ref["kl_syn"] + ref["kl_real"] + ref["kl_cyc_syn"] + ref["kl_cyc_real"])
     )
@@ -279,7 +325,7 @@ def _state_equal(a, b) -> bool:
 def test_state_dict_round_trip_is_bit_identical(name):
     model = tiny(name, seed=0, **({"pool_size": 0} if name == "cyclegan" else {}))
     opts = model.make_optimizers()
-    scheds = model.make_schedulers(opts, total_steps=4)
+    scheds = model.make_schedulers(opts, total_steps=4, step_size=1, gamma=0.5)
     xs, xr, w = images(2, 1), images(2, 2), torch.tensor([1.0, 0.3])
     for _ in range(2):
         model.train_step(xs, xr, w, w, opts)
@@ -293,7 +339,7 @@ def test_state_dict_round_trip_is_bit_identical(name):
 
     other = tiny(name, seed=1, **({"pool_size": 0} if name == "cyclegan" else {}))
     other_opts = other.make_optimizers()
-    other_scheds = other.make_schedulers(other_opts, total_steps=4)
+    other_scheds = other.make_schedulers(other_opts, total_steps=4, step_size=1, gamma=0.5)
     other.load_state_dict(ckpt["model"])
     for k in other_opts:
         other_opts[k].load_state_dict(ckpt[f"opt_{k}"])
@@ -322,6 +368,24 @@ def test_schedulers_decay_linearly_in_the_second_half():
     assert lrs == pytest.approx([1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
     assert opts["dis"].param_groups[0]["lr"] == 1.0
     assert UNIT.default_lr == 1e-4 and CycleGAN.default_lr == 2e-4
+
+
+def test_unit_lr_halves_exactly_at_multiples_of_step_size():
+    """Official UNIT `lr_policy: step` (utils.get_scheduler, StepLR stepped once per iteration):
+    the lr of step i is lr * gamma ** (i // step_size), for the generators and the discriminators."""
+    model = tiny("unit")
+    opts = model.make_optimizers(lr=1e-4)
+    scheds = model.make_schedulers(opts, total_steps=5, step_size=3, gamma=0.5)  # total_steps unused
+    used = {"gen": [], "dis": []}
+    for _ in range(10):
+        for k in opts:
+            used[k].append(opts[k].param_groups[0]["lr"])
+            opts[k].step()  # no gradients: a no-op, but the scheduler expects it first
+            scheds[k].step()
+    want = [1e-4 * 0.5 ** (i // 3) for i in range(10)]  # 1e-4 x3, 5e-5 x3, 2.5e-5 x3, 1.25e-5
+    assert used["gen"] == pytest.approx(want, rel=1e-12) and used["dis"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="needs step_size and gamma"):
+        model.make_schedulers(opts, total_steps=5)
 
 
 @pytest.mark.parametrize("name", MODELS)

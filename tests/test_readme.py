@@ -15,17 +15,22 @@ would fail here.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from browser import NO_CHROMIUM, find_chromium, open_in_chromium
+from ptyrun import RAY_NOISE, run_pty
+from synreal_ray import storage
+from synreal_ray.pipeline import load_pipeline_config
 
 from conftest import REPO
 
@@ -39,18 +44,18 @@ SIZE_OVERRIDES: dict[str, list[str]] = {
     "synreal make-demo-data": ["--num-syn", "16", "--num-real", "12", "--num-val", "8", "--height", "64",
                                "--width", "128"],
     "synreal run --config configs/demo.yaml": [
-        "--set", "train.steps=2", "--set", "fid.dims=64",
+        "--set", "train.steps=2", "--set", "fid.dims=64", "--set", "segment.steps=2",
         "--set", "runs=[{name: unit-method, model: unit, pairing: spfeat, weighting: loss}]"],
     "synreal tune --config configs/sweep.yaml": [
         "--set", "tune.space.k=[3]", "--set", "tune.space.levels=['1,2', '2x4']", "--set", "tune.space.sigma=[null]",
         "--set", "tune.space.weighting=[loss]", "--set", "tune.milestones=[2]", "--set", "tune.val_images=4",
-        "--set", "fid.dims=64"],
+        "--set", "fid.dims=64", "--set", "segment.steps=2"],
     "synreal train": ["--steps", "2"],
     "synreal fid": ["--dims", "64"],
     "synreal segment": ["--steps", "2"],
 }
 SIZE_FLAGS = {"--num-syn", "--num-real", "--num-val", "--height", "--width", "--steps", "--dims"}
-SIZE_KEYS = re.compile(r"^(train\.steps|fid\.dims|runs|tune\.milestones|tune\.val_images|tune\.space\.\w+)$")
+SIZE_KEYS = re.compile(r"^(train\.steps|segment\.steps|fid\.dims|runs|tune\.milestones|tune\.val_images|tune\.space\.\w+)$")
 
 
 def usage_text() -> str:
@@ -110,34 +115,44 @@ def test_extraction_finds_the_usage_commands():
 
 
 @pytest.mark.timeout(1500)
-def test_readme_usage_commands_run_as_written(tmp_path, ray_cluster):
-    from synreal_ray.fid import make_random_inception_weights
-
+def test_readme_usage_commands_run_as_written(tmp_path, ray_cluster, random_inception):
     work = tmp_path / "clone"
     work.mkdir()
     shutil.copytree(REPO / "configs", work / "configs")  # what a fresh clone holds beside the code
     # The fid command reads pytorch-fid's weights from the working directory; CI has no network,
     # so a seeded random-weight file of that name stands in for the download.
-    make_random_inception_weights(str(work / "pt_inception-2015-12-05-6726825d.pth"))
+    shutil.copyfile(random_inception, work / "pt_inception-2015-12-05-6726825d.pth")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "SYNREAL_FID_CACHE": str(tmp_path / "fid-cache")}
     env.pop("SYNREAL_INCEPTION_WEIGHTS", None)
     times: list[tuple[str, str]] = []
+    screens: dict[str, str] = {}  # the README command's words -> its screen
     for line, words in readme_commands():
         if words is None:
             print(f"not run in CI: {line}", flush=True)
             continue
         cmd = words + overrides_for(words)
         t = time.time()
-        p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        # On a terminal, as a person runs it: what the screen shows at the end (bars redrawn in place).
+        code, screen = run_pty(cmd, cwd=work, env=env, timeout=600)
+        screens[" ".join(words)] = screen
         times.append((shlex.join(cmd), f"{time.time() - t:.1f} s"))
         print(f"{times[-1][1]:>10}  {times[-1][0]}", flush=True)
-        assert p.returncode == 0, (f"README command failed ({p.returncode}): {line}\n(run as {shlex.join(cmd)})\n"
-                                   f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        assert code == 0, f"README command failed ({code}): {line}\n(run as {shlex.join(cmd)})\n{screen[-8000:]}"
+        assert not [n for n in RAY_NOISE if n in screen], f"{line}: Ray's own logs reached the console:\n{screen[-4000:]}"
         if words[:2] == ["synreal", "tune"]:
-            assert re.search(r"sweep of 2 trials\b", p.stderr), p.stderr[-3000:]
-            assert "first trial finished in" in p.stderr
+            assert re.search(r"sweep of 2 trials\b", screen), screen[-3000:]
+            assert "first trial finished in" in screen
+        if words[:2] == ["synreal", "train"]:  # the training bar's final state: steps, losses, images/s, ETA
+            assert re.search(r"^train: 100%\|.*\| 2/2 \[[\d:]+, gen_total [\d.e+-]+, dis_total [\d.e+-]+, "
+                             r"[\d.]+ img/s, ETA 0:00\]$", screen, re.M), screen
+            assert len(screen.splitlines()) < 15, screen
+
+    # `synreal demo` is these two commands: on a terminal it stays well under 100 lines, with a training ETA.
+    demo = screens["synreal make-demo-data --out data/demo"] + "\n" + screens["synreal run --config configs/demo.yaml"]
+    print(f"demo console: {len(demo.splitlines())} lines\n{demo}", flush=True)
+    assert len(demo.splitlines()) < 100 and re.search(r"train: 100%.*ETA", demo), demo
 
     sweep = work / "out" / "sweep"
     with open(sweep / "results.csv", newline="") as f:
@@ -150,5 +165,37 @@ def test_readme_usage_commands_run_as_written(tmp_path, ray_cluster):
     best = yaml.safe_load((sweep / "best.yaml").read_text())
     assert os.path.realpath(best["out"]) == os.path.realpath(sweep / "best-run") and best["train"]["steps"] == 2
     assert best["pairs"]["k"] == int(rows[0]["k"]) and best["features"]["levels"] == rows[0]["levels"]
-    assert (sweep / "best-run" / "report.md").exists()
+    # The README's `synreal run --config out/sweep/best.yaml` is not run here (it is the demo pipeline
+    # again, ~90 s of CI); the file it reads is a valid pipeline config with the best trial's setting.
+    best_cfg = load_pipeline_config(str(sweep / "best.yaml"))
+    assert best_cfg.pairs.k == int(rows[0]["k"]) and best_cfg.features.levels == rows[0]["levels"]
     assert (work / "out" / "demo" / "report.md").exists() and (work / "out" / "translated" / "manifest.parquet").exists()
+    demo_out = work / "out" / "demo"
+    report = json.loads((demo_out / "report.json").read_text())
+    tables = report["tables"]
+    assert list(tables) == ["consistency_miou", "downstream_miou", "fid", "kid"]
+    for key, table in tables.items():  # every metric with its raw-synthetic, run and ceiling rows, all scored
+        assert [r["kind"] for r in table["rows"]][:1] == ["raw synthetic"], key
+        assert {"raw synthetic", "run", "ceiling"} <= {r["kind"] for r in table["rows"]}, key
+        value = "fid" if key == "fid" else "kid" if key == "kid" else "miou"
+        assert all(r[value] is not None for r in table["rows"]), key
+    assert "unit-method" in report["confusions"]
+    assert (demo_out / "runs" / "unit-method" / "consistency.png").read_bytes()[:4] == b"\x89PNG"
+    for stage in ("train", "translated", "segment", "consistency"):
+        assert storage.is_complete(str(demo_out / "runs" / "unit-method" / stage)), stage
+    # report.html in a real browser: every image decodes, every table and section is there
+    if find_chromium():
+        seen = open_in_chromium(demo_out / "report.html", tmp_path)
+        assert seen["broken"] == [] and seen["images"] >= 8 and seen["tables"] >= 4, seen
+        assert {"Results", "Before and after", "Runs", "Pairs (SP-Feat)", "KLIEP importance weights",
+                "Segmentation evaluations"} <= set(seen["headings"]), seen
+    else:
+        print(f"report.html not opened in a browser: {NO_CHROMIUM}")
+    report = (demo_out / "report.md").read_text()
+    for title, rows in (("### Semantic consistency", ("| raw synthetic (no translation) |", "| ceiling: the judge on real val |")),
+                        ("### Downstream segmentation", ("| trained on raw synthetic |", "| ceiling: trained on real train |")),
+                        ("### FID", ("| synthetic vs real val (no adaptation) |", "| real train vs real val (floor) |")),
+                        ("### KID", ("| synthetic vs real val (no adaptation) |", "| real train vs real val (floor) |"))):
+        section = report[report.index(title):].split("\n### ")[0]  # the table under that title
+        assert all(row in section for row in rows), (title, section)
+        assert "| unit-method" in section, title

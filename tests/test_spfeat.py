@@ -76,3 +76,33 @@ def test_bad_inputs():
         sp_feat(np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="integer"):
         sp_feat(np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16"])
+def test_label_features_of_raw_ids_equal_the_definition_on_train_ids(tmp_path, mode):
+    """The features stage counts raw label IDs per fine cell (Pillow's histogram for 8-bit maps)
+    and maps the counts through the label table: the same vector as mapping every pixel first."""
+    from PIL import Image
+
+    from synreal_ray.datasets.labels import LABEL_TO_TRAIN, to_train_ids
+    from synreal_ray.features import SampleError, label_features
+
+    known = np.flatnonzero(LABEL_TO_TRAIN != 254)  # every label ID in the table, ignored ones included
+    rng = np.random.default_rng(len(mode))
+    ids = rng.choice(known, size=(37, 53)).astype(np.uint8)
+    path = tmp_path / "lab.png"
+    if mode == "P":
+        img = Image.frombytes("P", (53, 37), ids.tobytes())
+        img.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    else:
+        img = Image.fromarray(ids.astype(np.uint16) if mode == "I;16" else ids)
+    img.save(path)
+    assert Image.open(path).mode == mode
+    shape, feat = label_features(str(path), "1,2,3x5")
+    assert shape == (37, 53)
+    np.testing.assert_allclose(feat, sp_feat_reference(to_train_ids(ids), levels="1,2,3x5"), atol=1e-6)
+
+    ids[3, 4], ids[30, 50] = 77, 200
+    (Image.fromarray(ids) if mode != "I;16" else Image.fromarray(ids.astype(np.uint16))).save(path)
+    with pytest.raises(SampleError, match=r"lab.png: label ID\(s\) \[77, 200\] outside the Cityscapes table"):
+        label_features(str(path), "1,2")

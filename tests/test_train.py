@@ -22,7 +22,7 @@ import torch
 
 from synreal_ray import storage
 from synreal_ray.cli import main
-from synreal_ray.config import apply_overrides
+from synreal_ray.config import ConfigError, apply_overrides
 from synreal_ray.datasets.layouts import list_dataset
 from synreal_ray.models import build_model
 from synreal_ray.train import (
@@ -39,8 +39,10 @@ from synreal_ray.train import (
     read_state,
     run_folder,
     run_train,
+    save_checkpoint,
     step_rows,
 )
+from synreal_ray.translate import read_generator
 
 from conftest import run_cli
 
@@ -128,6 +130,60 @@ def test_prepare_data_rejects_pairs_of_other_datasets_and_bad_tables(demo_data, 
     storage.write_bytes(storage.join(str(tmp_path / "q"), storage.SUCCESS), b"")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['distance'\]"):
         read_pairs(str(tmp_path / "q"))
+
+
+def test_grid_pairs_are_the_samplers_first_draws_each_synthetic_image_once(demo_data, tmp_path):
+    cfg = tiny_config(demo_data, tmp_path / "o", pairs=write_pairs(demo_data, str(tmp_path / "p")), grid_images=4)
+    data = prepare_data(cfg)
+    grid = data.grid_pairs(cfg)
+    sampler, drawn = data.sampler(cfg), {}
+    while len(drawn) < 4:
+        b = sampler.next_batch()
+        for syn, real in zip(b.syn_ids, b.real_ids):
+            drawn.setdefault(syn, real)
+    syn_uri, real_uri = dict(zip(data.syn_ids, data.syn_uris)), dict(zip(data.real_ids, data.real_uris))
+    assert grid == [(syn_uri[syn], real_uri[real]) for syn, real in list(drawn.items())[:4]]
+    assert data.grid_pairs(cfg) == grid and len({s for s, _ in grid}) == 4  # fixed, distinct
+    listed = {(s, r) for s, r in zip(data.pairs.column("syn_id").to_pylist(), data.pairs.column("real_id").to_pylist())}
+    assert all(pair in listed for pair in list(drawn.items())[:4])  # a pair of the table, as training draws
+    other = tiny_config(demo_data, tmp_path / "o", pairs=cfg.pairs, grid_images=4, seed=1)
+    assert data.grid_pairs(other) != grid  # drawn (seeded), not always the first neighbour
+
+
+def test_lr_schedule_settings_are_checked_and_old_unit_checkpoints_refused_in_one_line(demo_data, tmp_path):
+    for key, value in (("lr_step_size", 0), ("lr_gamma", 0.0), ("lr_gamma", 1.5)):
+        with pytest.raises(ConfigError) as e:
+            tiny_config(demo_data, tmp_path / "o", **{key: value})
+        assert e.value.key == key
+    cfg = tiny_config(demo_data, tmp_path / "o", lr_step_size=3)
+    data = prepare_data(cfg)
+    torch.manual_seed(0)
+    model = build_model("unit", **TINY["unit"])
+    opts = model.make_optimizers()
+    scheds = model.make_schedulers(opts, cfg.steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)
+    folder = tmp_path / "checkpoint_00000002"
+    folder.mkdir()
+    save_checkpoint(str(folder), cfg=cfg, step=2, model=model, opts=opts, scheds=scheds, sampler=data.sampler(cfg),
+                    scaler=None)
+    assert scheds["gen"].state_dict()["step_size"] == 3 and read_state(str(folder))["checkpoint_version"] == 2
+    gen, meta = load_generator(str(folder))
+    assert meta["checkpoint_version"] == 2
+    check_resumable(cfg, str(folder), data)
+    # a checkpoint from before issue 12 records no version (1) and has no LayerNorm parameters
+    state = read_state(str(folder))
+    del state["checkpoint_version"]
+    state["model"] = {k: v for k, v in state["model"].items() if not k.endswith((".gamma", ".beta"))}
+    torch.save(state, folder / "state.pt")
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["checkpoint_version"]
+    meta["state_bytes"] = (folder / "state.pt").stat().st_size
+    (folder / "meta.json").write_text(json.dumps(meta))
+    want = f"{folder}: a unit checkpoint of version 1, this code loads version 2 (version 2 has LayerNorm"
+    for load in (lambda: load_generator(str(folder)), lambda: check_resumable(cfg, str(folder), data),
+                 lambda: read_generator(str(folder))):
+        with pytest.raises(ValueError) as e:
+            load()
+        assert want.split(": a unit")[1] in str(e.value) and str(folder) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):

@@ -36,3 +36,18 @@ def test_failed_trials_are_one_line_rows_with_traceback_files(demo_data, tmp_pat
         assert "\x1b[" not in trace  # no terminal colours
         row = next(line for line in lines[2:] if f"| {r['k']} |" in line)
         assert r["traceback"] in row and "ValueError: --k" in row
+
+
+def test_tune_metric_sets_the_mode_and_a_bad_one_is_named(tmp_path):
+    import pytest
+
+    from synreal_ray.config import ConfigError
+    from synreal_ray.tune import TuneSection, load_sweep_config
+
+    assert [TuneSection(metric=m).mode for m in ("fid", "kid", "consistency_miou", "downstream_miou")] == \
+        ["min", "min", "max", "max"]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"tune": {"metric": "psnr"}}))
+    with pytest.raises(ConfigError, match=r"s\.yaml: tune\.metric: 'psnr' is not one of"):
+        load_sweep_config(str(tmp_path / "s.yaml"))
+    _, tune_cfg = load_sweep_config(str(tmp_path / "s.yaml"), assignments={"tune.metric": "downstream_miou"})
+    assert tune_cfg.mode == "max"

@@ -3,7 +3,7 @@
     model = build_model("cyclegan", base_channels=64)       # or "unit"
     model.to(device).wrap(ray.train.torch.prepare_model)     # optional: DDP per submodule
     opts = model.make_optimizers()                           # {"gen": Adam, "dis": Adam}
-    scheds = model.make_schedulers(opts, total_steps)
+    scheds = model.make_schedulers(opts, total_steps, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma)  # cfg: TrainConfig
     losses = model.train_step(x_syn, x_real, w_syn, w_real, opts, scaler, amp=True)
     x_fake_real = model.translate(x_syn)
     torch.save(model.generator_s2r().state_dict(), path)
@@ -55,6 +55,18 @@ def image_size_rule(name: str, **cfg: Any) -> tuple[int, int, str]:
     return _model_class(name).image_size_rule(**{**default_config(name), **cfg})
 
 
+def check_checkpoint_version(name: str, version: int | None, where: str) -> None:
+    """Raise ValueError (one line, naming `where`) when a checkpoint of model `name` keeps its
+    parameters in another layout than this code's `checkpoint_version` (None: a checkpoint from
+    before versions were recorded, version 1), instead of load_state_dict's list of keys."""
+    cls = _model_class(name)
+    have = 1 if version is None else int(version)
+    if have != cls.checkpoint_version:
+        raise ValueError(f"{where}: a {name} checkpoint of version {have}, this code loads version "
+                         f"{cls.checkpoint_version} ({cls.version_note}): train again, or load it with the "
+                         f"code that wrote it")
+
+
 def _model_class(name: str) -> type[TranslationModel]:
     try:
         return MODELS[name.lower()]
@@ -62,5 +74,5 @@ def _model_class(name: str) -> type[TranslationModel]:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
 
 
-__all__ = ["MODELS", "CycleGAN", "OptionError", "TranslationModel", "UNIT", "build_model", "check_options",
-           "default_config", "image_size_rule", "unwrap"]
+__all__ = ["MODELS", "CycleGAN", "OptionError", "TranslationModel", "UNIT", "build_model", "check_checkpoint_version",
+           "check_options", "default_config", "image_size_rule", "unwrap"]

@@ -75,8 +75,14 @@ class TranslationModel(nn.Module):
 
     default_lr: float = 2e-4
     default_weight_decay: float = 0.0
-    # factor on each discriminator's (real + fake) loss: CycleGAN halves it, UNIT does not
+    # factor on each discriminator's (real + fake) loss: CycleGAN halves it, UNIT sets it to gan_w
     dis_scale: float = 1.0
+    # learning-rate policy (`make_schedulers`): "linear" (CycleGAN) or "step" (UNIT)
+    lr_policy: str = "linear"
+    # layout of the parameters in a checkpoint; raised when a change makes older checkpoints unloadable
+    # (their meta.json / state.pt without "checkpoint_version" are version 1); see `version_note`
+    checkpoint_version: int = 1
+    version_note: str = ""
     # constructor option -> smallest value it takes (None, where allowed, means "the default")
     option_minimums: dict[str, float] = {}
 
@@ -177,12 +183,26 @@ class TranslationModel(nn.Module):
             "dis": torch.optim.Adam(self.discriminators.parameters(), lr=lr, betas=betas, weight_decay=wd),
         }
 
-    @staticmethod
     def make_schedulers(
-        opts: dict[str, torch.optim.Optimizer], total_steps: int, decay_start: int | None = None
+        self,
+        opts: dict[str, torch.optim.Optimizer],
+        total_steps: int,
+        *,
+        step_size: int | None = None,
+        gamma: float | None = None,
+        decay_start: int | None = None,
     ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        """Constant lr, then linear decay to 0 at total_steps (CycleGAN's policy; decay_start
-        defaults to half-way). Step them once per train_step."""
+        """The model's learning-rate policy (`lr_policy`); step them once per train_step.
+
+        "linear" (CycleGAN's): constant lr, then linear decay to 0 at total_steps (decay_start
+        defaults to half-way); step_size and gamma are not used.
+        "step" (UNIT's official `lr_policy: step`, utils.get_scheduler's StepLR): the lr of step i
+        (0-based) is lr * gamma ** (i // step_size); total_steps is not used. step_size and gamma
+        have no default here: the train stage's TrainConfig (lr_step_size, lr_gamma) holds them."""
+        if self.lr_policy == "step":
+            if step_size is None or gamma is None:
+                raise ValueError(f"{type(self).__name__}'s step lr schedule needs step_size and gamma")
+            return {k: torch.optim.lr_scheduler.StepLR(opt, step_size, gamma) for k, opt in opts.items()}
         start = total_steps // 2 if decay_start is None else decay_start
         span = max(1, total_steps - start)
 
@@ -202,7 +222,8 @@ class TranslationModel(nn.Module):
 
     def dis_losses(self, x_syn: Tensor, x_real: Tensor, w_syn: Tensor, w_real: Tensor, fakes: Fakes) -> dict[str, Tensor]:
         """LSGAN discriminator losses: real images of a domain (their own weights) -> 1, fakes of
-        that domain (the weights of the samples they come from) -> 0."""
+        that domain (the weights of the samples they come from) -> 0; a multi-scale
+        discriminator's terms summed over its scales (`lsgan_loss`); times `dis_scale`."""
         out = {}
         for domain, x, w in (("syn", x_syn, w_syn), ("real", x_real, w_real)):
             d = self._d(domain)

@@ -1,8 +1,9 @@
 """Building blocks shared by UNIT and CycleGAN: conv layers, residual blocks, discriminators,
 the image pool, weight initialisation.
 
-Normalisation is InstanceNorm (as in both papers) or none, never BatchNorm: instance statistics
-are per sample, so no sample of a batch changes another's output or gradient. The importance
+Normalisation is InstanceNorm (as in both papers), LayerNorm (the official UNIT decoder's
+up-sampling blocks) or none, never BatchNorm: instance and layer statistics are per sample, so
+no sample of a batch changes another's output or gradient. The importance
 weighting relies on that: a sample of weight 0 must leave the gradients exactly unchanged,
 which BatchNorm's batch statistics would break.
 """
@@ -15,13 +16,38 @@ import torch
 from torch import Tensor, nn
 
 
+class LayerNorm(nn.Module):
+    """The official UNIT code's LayerNorm (networks.py, `norm='ln'`), not torch's nn.LayerNorm:
+    each sample is normalised by the mean and the (unbiased) standard deviation of all its C*H*W
+    values, (x - mean) / (std + eps), then scaled and shifted per channel (gamma, beta of shape
+    (C,)). As there, gamma starts uniform in [0, 1) and beta at 0. Computed in float32 (fp16
+    autocast would lose the statistics of large maps), returned in the input's dtype."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.empty(channels).uniform_())
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        mean, std = xf.flatten(1).mean(1).view(shape), xf.flatten(1).std(1).view(shape)
+        y = (xf - mean) / (std + self.eps)
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        return (y * self.gamma.view(per_channel) + self.beta.view(per_channel)).to(x.dtype)
+
+
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    """'instance' (no affine, no running stats: as in CycleGAN and UNIT) or 'none'."""
+    """'instance' (no affine, no running stats: as in CycleGAN and UNIT), 'ln' (`LayerNorm`,
+    UNIT's up-sampling blocks) or 'none'."""
     if kind == "instance":
         return nn.InstanceNorm2d(channels)
+    if kind == "ln":
+        return LayerNorm(channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}: use 'instance' or 'none'")
+    raise ValueError(f"unknown norm {kind!r}: use 'instance', 'ln' or 'none'")
 
 
 def act_layer(kind: str) -> nn.Module:
@@ -73,7 +99,8 @@ def res_blocks(channels: int, n: int, norm: str = "instance") -> nn.Sequential:
 
 class UpBlock(nn.Sequential):
     """x2 up-sampling: a stride-2 transposed 3x3 conv (CycleGAN's u-k) or nearest-neighbour
-    up-sampling then a 5x5 conv (the official UNIT code; avoids checkerboard artefacts)."""
+    up-sampling then a 5x5 conv (the official UNIT code, there with norm='ln'; avoids
+    checkerboard artefacts)."""
 
     def __init__(self, cin: int, cout: int, mode: str = "transpose", norm: str = "instance"):
         if mode == "transpose":
@@ -130,7 +157,7 @@ class PatchDiscriminator(nn.Sequential):
 
 class MultiScaleDiscriminator(nn.Module):
     """One PatchDiscriminator per scale of an image pyramid (x, x/2, x/4, ...); returns the
-    list of their outputs, which `losses.lsgan_loss` averages."""
+    list of their outputs, which `losses.lsgan_loss` sums (as the official UNIT code)."""
 
     def __init__(self, n_scales: int = 3, **patch_kwargs):
         super().__init__()

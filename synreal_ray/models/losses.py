@@ -31,13 +31,15 @@ def lsgan_loss(pred: Tensor | Sequence[Tensor], target_is_real: bool) -> Tensor:
     """Least-squares GAN loss per sample, (B,).
 
     `pred` is one discriminator output (B, 1, h, w) or, for a multi-scale discriminator, a
-    list of them (one per scale, different h, w): the per-sample loss is then the mean over
-    scales, so the loss keeps the same scale whatever the number of scales.
+    list of them (one per scale, different h, w): the per-sample loss is then the SUM over
+    scales of each scale's mean squared error, as the official UNIT code (networks.py,
+    MsImageDis.calc_gen_loss / calc_dis_loss: `loss += torch.mean((out - target)**2)` per
+    scale), so with 3 scales the adversarial term weighs 3 times a single-scale one.
     """
     preds = [pred] if isinstance(pred, Tensor) else list(pred)
     target = 1.0 if target_is_real else 0.0
     per_scale = [_per_sample_mean((_upcast(p) - target) ** 2) for p in preds]
-    return torch.stack(per_scale).mean(0)
+    return torch.stack(per_scale).sum(0)
 
 
 def l1_per_sample(a: Tensor, b: Tensor) -> Tensor:

@@ -8,9 +8,19 @@ domains are encoded into, and decoded from, the same latent space. A latent code
 n ~ N(0, I) (the VAE with unit variance); translation s -> r is G_real(E_syn(x_syn)).
 Architecture (official code, mingyuliutw/UNIT, configs/unit_gta2city_folder.yaml): c7s1-64, two
 4x4 stride-2 convs, 4 residual blocks in E and in G, nearest up-sampling + 5x5 convs, reflection
-padding, InstanceNorm; multi-scale (3 scales) LSGAN discriminators of four stride-2 4x4 convs,
-no norm, LeakyReLU 0.2. The paper shares the last layer of E and the first of G: n_shared=1
-residual block here.
+padding, InstanceNorm, except LayerNorm in the decoder's up-sampling blocks (networks.py
+`Decoder`: `Conv2dBlock(..., norm='ln')`; its own LayerNorm over C, H, W per sample with a
+per-channel affine, `blocks.LayerNorm`); multi-scale (3 scales) LSGAN discriminators of four
+stride-2 4x4 convs, no norm, LeakyReLU 0.2. The paper shares the last layer of E and the first
+of G: n_shared=1 residual block here.
+
+Adversarial losses as the official trainer.py / networks.py MsImageDis: the generator's LSGAN
+term is SUMMED over the discriminator scales (calc_gen_loss), the discriminator's likewise
+(calc_dis_loss: per scale mean((D(fake) - 0)^2) + mean((D(real) - 1)^2)), and the discriminators
+minimise gan_w * (loss_dis_syn + loss_dis_real). Learning rate: the official `lr_policy: step`,
+lr * gamma every step_size iterations (gamma 0.5, step_size 100000; TrainConfig.lr_gamma,
+lr_step_size). Checkpoints written before the LayerNorm (no "checkpoint_version": version 1)
+cannot load into this decoder: loading one fails with one line saying so.
 
 Loss weights: the official code's config (verified in configs/unit_gta2city_folder.yaml):
 gan_w 1, recon_x_w 10, recon_kl_w 0.01, recon_x_cyc_w 10, recon_kl_cyc_w 0.01 (recon_h_w 0),
@@ -46,11 +56,12 @@ def private_encoder(base_channels: int, n_downsample: int, n_res: int) -> nn.Seq
 
 
 def private_decoder(base_channels: int, n_downsample: int, n_res: int) -> nn.Sequential:
-    """n_res residual blocks, n_downsample x2 up-samplings halving the width, c7s1-3 tanh."""
+    """n_res residual blocks (InstanceNorm), n_downsample x2 up-samplings halving the width
+    (LayerNorm, as the official Decoder), c7s1-3 tanh."""
     ch = base_channels * 2**n_downsample
     layers: list[nn.Module] = [res_blocks(ch, n_res)]
     for _ in range(n_downsample):
-        layers.append(UpBlock(ch, ch // 2, mode="nearest"))
+        layers.append(UpBlock(ch, ch // 2, mode="nearest", norm="ln"))
         ch //= 2
     layers.append(ConvBlock(ch, 3, 7, norm="none", act="tanh"))
     return nn.Sequential(*layers)
@@ -62,6 +73,9 @@ class UNIT(TranslationModel):
 
     default_lr = 1e-4
     default_weight_decay = 1e-4
+    lr_policy = "step"
+    checkpoint_version = 2
+    version_note = "version 2 has LayerNorm in the decoder's up-sampling blocks (issue 12)"
     option_minimums = {"base_channels": 1, "n_downsample": 0, "n_res": 0, "n_shared": 0, "dis_channels": 1,
                        "dis_layers": 1, "dis_scales": 1, "gan_w": 0, "recon_x_w": 0, "recon_kl_w": 0,
                        "recon_x_cyc_w": 0, "recon_kl_cyc_w": 0}
@@ -104,6 +118,7 @@ class UNIT(TranslationModel):
         super().__init__()
         self.gan_w, self.recon_x_w, self.recon_kl_w = gan_w, recon_x_w, recon_kl_w
         self.recon_x_cyc_w, self.recon_kl_cyc_w = recon_x_cyc_w, recon_kl_cyc_w
+        self.dis_scale = gan_w  # official dis_update: loss_dis_total = gan_w * loss_dis_a + gan_w * loss_dis_b
         latent = base_channels * 2**n_downsample
         own = n_res - n_shared
         self.generators = nn.ModuleDict(
