@@ -32,7 +32,7 @@ def plain_loop(files: list[str], weights: bytes, dims: int, batch_size: int, dev
     model = fid.load_inception(weights, dims, device)
     t = time.perf_counter()
     for s in range(0, len(files), batch_size):
-        fid.activations([fid.load_image(storage.read_bytes(u), None, u) for u in files[s:s + batch_size]], model)
+        fid.activations([fid.decode_for_inception(storage.read_bytes(u), None, u) for u in files[s:s + batch_size]], model)
     return len(files) / (time.perf_counter() - t)
 
 

@@ -25,7 +25,7 @@ from machine import describe  # noqa: E402
 from synreal_ray.config import from_dict  # noqa: E402
 from synreal_ray.datasets.demo import make_demo_data  # noqa: E402
 from synreal_ray.models import build_model  # noqa: E402
-from synreal_ray.train import TrainConfig, load_image, prepare_data, run_train, to_model_input  # noqa: E402
+from synreal_ray.train import TrainConfig, prepare_data, read_training_image, run_train, to_model_input  # noqa: E402
 
 
 def plain_loop(cfg: TrainConfig, device: torch.device) -> float:
@@ -41,8 +41,8 @@ def plain_loop(cfg: TrainConfig, device: torch.device) -> float:
     t0 = None
     for step in range(cfg.steps):
         b = sampler.next_batch()
-        syn = torch.from_numpy(np.stack([load_image(syn_uri[i], cfg.size) for i in b.syn_ids])).to(device)
-        real = torch.from_numpy(np.stack([load_image(real_uri[i], cfg.size) for i in b.real_ids])).to(device)
+        syn = torch.from_numpy(np.stack([read_training_image(syn_uri[i], cfg.size) for i in b.syn_ids])).to(device)
+        real = torch.from_numpy(np.stack([read_training_image(real_uri[i], cfg.size) for i in b.real_ids])).to(device)
         model.train_step(to_model_input(syn), to_model_input(real), torch.from_numpy(b.w_syn).to(device),
                          torch.from_numpy(b.w_real).to(device), opts, scaler=scaler, amp=use_amp)
         if step == 0:

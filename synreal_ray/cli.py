@@ -286,31 +286,9 @@ def _override(p: argparse.ArgumentParser, cls: type, flag: str, help: str = "", 
     return p.add_argument(flag, default=None, help=help, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _args_make_demo_data(d: argparse.ArgumentParser) -> None:
     from synreal_ray.datasets.demo import make_demo_data
-    from synreal_ray.datasets.images import MAX_PIXELS
-    from synreal_ray.features import FeaturesConfig
-    from synreal_ray.fid import FidConfig
-    from synreal_ray.pairing import PairsConfig
-    from synreal_ray.segment import SegEvalConfig, SegmentConfig, SegmenterName
-    from synreal_ray.train import TrainConfig
-    from synreal_ray.translate import TranslateConfig
-    from synreal_ray.weighting import KliepConfig
 
-    p = argparse.ArgumentParser(prog="synreal", description="Synthetic-to-real translation of driving datasets on Ray.",
-                                formatter_class=HelpFormatter)
-    loud = p.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="store_true",
-                      help="also debug messages and Ray's own logs (worker output included)")
-    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def stage(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        s.set_defaults(fn=fn)
-        return s
-
-    d = stage("make-demo-data", "write the procedural demo datasets (synscapes + cityscapes layouts)", _make_demo_data)
     d.add_argument("--out", required=True, help="folder or s3:// prefix")
     d.add_argument("--num-syn", type=int, default=default_of(make_demo_data, "num_syn"), help="synthetic images")
     d.add_argument("--num-real", type=int, default=default_of(make_demo_data, "num_real"), help="real training images")
@@ -319,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--width", type=int, default=default_of(make_demo_data, "width"), help="image width in pixels")
     d.add_argument("--seed", type=int, default=default_of(make_demo_data, "seed"), help="random seed")
 
-    f = stage("features", "SP-Feat vectors of a dataset's label maps -> Parquet", _features)
+
+def _args_features(f: argparse.ArgumentParser) -> None:
+    from synreal_ray.datasets.images import MAX_PIXELS
+    from synreal_ray.features import FeaturesConfig
+
     f.add_argument("--dataset", required=True, help="dataset root, local or s3://")
     f.add_argument("--layout", required=True, choices=["cityscapes", "synscapes", "gta5", "folder"])
     f.add_argument("--split", default=default_of(FeaturesConfig, "split"), help="cityscapes split (default train)")
@@ -337,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: None, {MAX_PIXELS:,})")
     f.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
 
-    k = stage("kliep", "KLIEP importance weights of both domains from their SP-Feat features", _kliep)
+
+def _args_kliep(k: argparse.ArgumentParser) -> None:
+    from synreal_ray.weighting import KliepConfig
+
     k.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
     k.add_argument("--real", required=True, help="real features (output of `synreal features`)")
     k.add_argument("--out", required=True)
@@ -356,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the fit runs (auto: a GPU when present)")
     k.add_argument("--force", action="store_true")
 
-    q = stage("pairs", "K nearest neighbours in SP-Feat space (default: each real image's synthetic neighbours)",
-              _pairs)
+
+def _args_pairs(q: argparse.ArgumentParser) -> None:
+    from synreal_ray.pairing import PairsConfig
+
     q.add_argument("--syn", required=True, help="synthetic features (output of `synreal features`)")
     q.add_argument("--real", required=True, help="real features (output of `synreal features`)")
     q.add_argument("--weights", default=default_of(PairsConfig, "weights"),
@@ -382,8 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out-png", default=None, help="where --preview writes its PNG")
     q.add_argument("--force", action="store_true")
 
-    t = stage("translate", "translate a synthetic dataset with a trained generator (same layout, labels copied)",
-              _translate)
+
+def _args_translate(t: argparse.ArgumentParser) -> None:
+    from synreal_ray.translate import TranslateConfig
+
     t.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training run's --out (its latest checkpoint)")
     t.add_argument("--dataset", required=True, help="synthetic dataset root, local or s3://")
     t.add_argument("--layout", required=True, choices=["cityscapes", "synscapes", "gta5", "folder"])
@@ -401,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "full: translate at full resolution")
     t.add_argument("--force", action="store_true", help="translate everything again even if up to date")
 
-    z = stage("fid", "Frechet Inception Distance between two folders of images (pytorch-fid's numbers)", _fid)
+
+def _args_fid(z: argparse.ArgumentParser) -> None:
+    from synreal_ray.fid import FidConfig
+
     z.add_argument("--a", required=True, help="folder of images (searched recursively), local or s3://")
     z.add_argument("--b", required=True, help="folder of images (searched recursively), local or s3://")
     z.add_argument("--inception-weights", default=default_of(FidConfig, "weights"), metavar="PATH|URI",
@@ -421,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_of(FidConfig, "device"),
                    help="actors on GPUs (auto: when present) or CPUs")
 
-    tr = stage("train", "train UNIT or CycleGAN with Ray Train on pairs and KLIEP weights", _train)
+
+def _args_train(tr: argparse.ArgumentParser) -> None:
+    from synreal_ray.train import TrainConfig
+
     tr.add_argument("--config", default=None, help="YAML with a train: section (without it: the defaults below)")
     _override(tr, TrainConfig, "--model", "translation model", choices=["unit", "cyclegan"])
     _override(tr, TrainConfig, "--syn", "synthetic dataset root")
@@ -442,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     tr.add_argument("--force", action="store_true")
 
-    r = stage("run", "the whole pipeline: features, kliep, pairs, train, translate, FID, report", _run)
+
+def _args_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
     r.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
     r.add_argument("--inception-weights", default=None,
@@ -450,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     r.add_argument("--force", action="store_true", help="recompute every stage")
 
-    m = stage("demo", "make the procedural demo data and run the pipeline on it (configs/demo.yaml)", _demo)
+
+def _args_demo(m: argparse.ArgumentParser) -> None:
+    from synreal_ray.datasets.demo import make_demo_data
+
     m.add_argument("--config", default=None, help="default: configs/demo.yaml")
     m.add_argument("--data", default="data/demo", help="where the demo datasets are written (kept if present)")
     m.add_argument("--out", default=None, help="default: the config's out (out/demo)")
@@ -462,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     m.add_argument("--force", action="store_true")
 
-    t = stage("tune", "Ray Tune sweep over K, SP-Feat levels, KLIEP width, model and weighting against FID", _tune)
+
+def _args_tune(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", required=True, help="pipeline YAML with a tune: section (see configs/sweep.yaml)")
     t.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
     t.add_argument("--inception-weights", default=None,
@@ -472,10 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true",
                    help="start over when OUT holds an interrupted sweep with other settings (deletes its trials)")
 
-    rp = stage("report", "FID table and before/after grid of a pipeline run", _report)
+
+def _args_report(rp: argparse.ArgumentParser) -> None:
     rp.add_argument("--run", required=True, help="the pipeline's out folder")
 
-    sg = stage("segment", "train a torchvision segmenter (19 Cityscapes classes) with Ray Train", _segment)
+
+def _args_segment(sg: argparse.ArgumentParser) -> None:
+    from synreal_ray.segment import SegmentConfig, SegmenterName
+
     sg.add_argument("--config", default=None, help="YAML with a segment: section (e.g. a mixture of datasets)")
     sg.add_argument("--train", default=None, metavar="URI",
                     help="training dataset root (replaces the config's list; needed without --config)")
@@ -497,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --out")
     sg.add_argument("--force", action="store_true")
 
-    se = stage("seg-eval", "mIoU of a segment output on a dataset at full resolution (Ray Data actors)", _seg_eval)
+
+def _args_seg_eval(se: argparse.ArgumentParser) -> None:
+    from synreal_ray.segment import SegEvalConfig
+
     se.add_argument("--model", required=True, help="output of `synreal segment` (its latest checkpoint), or a checkpoint")
     se.add_argument("--dataset", required=True, help="dataset root, local or s3://")
     se.add_argument("--layout", required=True, help="cityscapes, synscapes, gta5 or folder")
@@ -512,6 +519,52 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default=default_of(SegEvalConfig, "device"),
                     help="auto (GPU when present), cpu or cuda")
     se.add_argument("--force", action="store_true")
+
+
+# The commands: name, help, the function that runs it, the function that adds its arguments.
+COMMANDS = [
+    ("make-demo-data", "write the procedural demo datasets (synscapes + cityscapes layouts)",
+     _make_demo_data, _args_make_demo_data),
+    ("features", "SP-Feat vectors of a dataset's label maps -> Parquet",
+     _features, _args_features),
+    ("kliep", "KLIEP importance weights of both domains from their SP-Feat features",
+     _kliep, _args_kliep),
+    ("pairs", "K nearest neighbours in SP-Feat space (default: each real image's synthetic neighbours)",
+     _pairs, _args_pairs),
+    ("translate", "translate a synthetic dataset with a trained generator (same layout, labels copied)",
+     _translate, _args_translate),
+    ("fid", "Frechet Inception Distance between two folders of images (pytorch-fid's numbers)",
+     _fid, _args_fid),
+    ("train", "train UNIT or CycleGAN with Ray Train on pairs and KLIEP weights",
+     _train, _args_train),
+    ("run", "the whole pipeline: features, kliep, pairs, train, translate, segmenters, FID/KID, report",
+     _run, _args_run),
+    ("demo", "make the procedural demo data and run the pipeline on it (configs/demo.yaml)",
+     _demo, _args_demo),
+    ("tune", "Ray Tune sweep over K, SP-Feat levels, KLIEP width, model and weighting (FID, KID or mIoU)",
+     _tune, _args_tune),
+    ("report", "the report of a pipeline run (tables, pictures, report.html), written again",
+     _report, _args_report),
+    ("segment", "train a torchvision segmenter (19 Cityscapes classes) with Ray Train",
+     _segment, _args_segment),
+    ("seg-eval", "mIoU of a segment output on a dataset at full resolution (Ray Data actors)",
+     _seg_eval, _args_seg_eval),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synreal", description="Synthetic-to-real translation of driving datasets on Ray.",
+                                formatter_class=HelpFormatter)
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also debug messages and Ray's own logs (worker output included)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, help, fn, add_arguments in COMMANDS:
+        command = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        command.set_defaults(fn=fn)
+        add_arguments(command)
     return p
 
 

@@ -95,3 +95,29 @@ def use_assigned_cpus() -> int:
     threads = max(1, min(int(assigned), machine_cores()))
     torch.set_num_threads(threads)
     return threads
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def actor_resources(actors: int | None = None, device: str = "auto", cpus_per_actor: float = 1.0,
+                    key: str = "device") -> tuple[int, dict, str]:
+    """(pool size, Ray resources per actor, the actors' torch device) for an inference actor pool
+    (translate, FID, seg-eval).
+
+    auto: one actor per GPU when the cluster has GPUs, else one single-threaded CPU actor per two
+    logical CPUs (Ray gives a 1-CPU actor OMP_NUM_THREADS=1, so actors do not fight over cores;
+    the other half is left to the tasks that feed them). `cpus_per_actor` below 1 leaves read
+    tasks room on small machines (seg-eval); `key` names the setting in errors."""
+    import ray
+
+    if device not in DEVICES:
+        raise ValueError(f"{key}: {device!r} is not one of {', '.join(DEVICES)}")
+    res = ray.cluster_resources()
+    gpus = res.get("GPU", 0)
+    if device == "cuda" and not gpus:
+        raise ValueError(f"{key} cuda: the Ray cluster has no GPU")
+    if gpus and device != "cpu":
+        n = actors or int(gpus)
+        return n, {"num_gpus": min(1.0, gpus / n)}, "cuda"  # more actors than GPUs share them
+    return actors or max(1, int(res.get("CPU", 1)) // 2), {"num_cpus": cpus_per_actor}, "cpu"

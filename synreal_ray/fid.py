@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synreal_ray import hub, storage
+from synreal_ray.cluster import DEVICES, actor_resources
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.progress import bar as progress_bar
 
@@ -208,7 +209,7 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return h, w
 
 
-def load_image(data: bytes, size: tuple[int, int] | None = None, uri: str = "<bytes>") -> np.ndarray:
+def decode_for_inception(data: bytes, size: tuple[int, int] | None = None, uri: str = "<bytes>") -> np.ndarray:
     """Image bytes -> uint8 (H, W, 3) RGB as pytorch-fid reads it; with `size` (H, W) resized
     first with PIL's bilinear filter (antialiased when shrinking)."""
     from PIL import Image
@@ -324,20 +325,11 @@ class ImageFile:
 
 def list_images(root: str, max_images: int | None = None, seed: int = 0) -> list[ImageFile]:
     """Image files under `root` (recursive), sorted; with max_images a seeded random subset."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(root)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
+    if not storage.exists(root):
         raise FileNotFoundError(f"{root}: no such folder")
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = []
-    for f in infos:
-        if f.type != pafs.FileType.File or not f.path.lower().endswith(IMAGE_EXTS):
-            continue
-        uri = f"s3://{f.path}" if storage.is_s3(root) else f.path
-        rel = os.path.basename(f.path) if f.path == path else storage.relpath(uri, root)
-        files.append(ImageFile(uri, rel, int(f.size or 0), int(f.mtime_ns or 0)))
+    single = not storage.is_dir(root)  # a single image file
+    files = [ImageFile(root if single else storage.join(root, *rel.split("/")), rel, int(size or 0), int(mtime or 0))
+             for rel, size, mtime in storage.listing(root) if rel.lower().endswith(IMAGE_EXTS)]
     files.sort(key=lambda f: f.rel)
     if not files:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
@@ -393,7 +385,7 @@ class InceptionActor:
         self.dims, self.size = dims, size
 
     def __call__(self, batch: dict) -> dict:
-        images = [load_image(storage.read_bytes(str(u)), self.size, str(u)) for u in batch["uri"]]
+        images = [decode_for_inception(storage.read_bytes(str(u)), self.size, str(u)) for u in batch["uri"]]
         acts = activations(images, self.model)
         entries = [str(e) for e in batch["entry"]]
         for entry in sorted(set(entries)):
@@ -416,27 +408,6 @@ def _cached_acts(entry: str, dims: int):
     return rels, acts
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def actor_resources(actors: int | None = None, device: str = "auto") -> tuple[int, dict, str]:
-    """(pool size, Ray resources per actor, the actors' torch device) for an actor pool.
-
-    auto: one actor per GPU when the cluster has GPUs, else one single-threaded CPU actor per two
-    logical CPUs (Ray gives a 1-CPU actor OMP_NUM_THREADS=1, so actors do not fight over cores;
-    the other half is left to the tasks that feed them)."""
-    import ray
-
-    if device not in DEVICES:
-        raise ValueError(f"--device: {device!r} is not one of {', '.join(DEVICES)}")
-    res = ray.cluster_resources()
-    gpus = res.get("GPU", 0)
-    if device == "cuda" and not gpus:
-        raise ValueError("--device cuda: the Ray cluster has no GPU")
-    if gpus and device != "cpu":
-        n = actors or int(gpus)
-        return n, {"num_gpus": min(1.0, gpus / n)}, "cuda"  # more actors than GPUs share them
-    return actors or max(1, int(res.get("CPU", 1)) // 2), {"num_cpus": 1}, "cpu"
 
 
 @dataclass(frozen=True)
@@ -498,7 +469,7 @@ def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights:
         from synreal_ray.cluster import init_ray
 
         init_ray()
-        n_actors, resources, device = actor_resources(cfg.actors, cfg.device)
+        n_actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
         t0 = time.time()
         blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
         n_actors = min(n_actors, blocks)  # an actor without a block would only cost its start-up

@@ -86,25 +86,22 @@ from typing import Any, Literal
 import numpy as np
 
 from synreal_ray import hub, storage
+from synreal_ray.checkpoints import checkpoint_name, read_meta, read_state, resume_point
+from synreal_ray.cluster import actor_resources
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.progress import StepPoster, TrainingProgress
+from synreal_ray.progress import StepPoster
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
     LOAD_CPUS,
     STEPS_PER_TASK,
     MetricsLog,
     _mean_over_workers,
-    _ray_storage,
     _step_seed,
-    checkpoint_name,
     latest_checkpoint,
     parse_size,
-    read_meta,
     read_metrics,
-    read_state,
-    resume_point,
 )
 
 log = logging.getLogger(__name__)
@@ -832,11 +829,7 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
 
     step_hook(step=, rank=, model=) runs on every worker after every step (tests kill a worker
     with it); it must be picklable."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from synreal_ray.cluster import cpus_per_worker, init_ray
+    from synreal_ray.raytrain import fit
 
     sources = prepare_sources(cfg)
     val_samples = list_samples(cfg.val, cfg.val_layout, cfg.resolved_val_split, "val") if cfg.val else None
@@ -855,32 +848,8 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
             check_resumable(cfg, checkpoint)
         images_per_s = None
         if start < cfg.steps:
-            init_ray()
-            use_gpu = cfg.use_gpu
-            if use_gpu is None:
-                use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers
-            streams = _Streams(cfg, sources)
-            ingest = DataConfig.default_ingest_options()
-            ingest.preserve_order = True  # batches must reach a worker in step order
-            log.info("segment: %s, steps %d..%d on %d worker(s)%s", cfg.model, start, cfg.steps, cfg.workers,
-                     " (GPU)" if use_gpu else "")
-            progress = TrainingProgress("segment", total=cfg.steps, batch_size=cfg.batch_size,
-                                        log_every=cfg.log_every, logger=log)
-            with progress as board:  # rank 0 posts its steps there; None when progress is not shown
-                trainer = TorchTrainer(
-                    _segment_worker,
-                    train_loop_config={"cfg": to_dict(cfg), "step_hook": step_hook, "progress": board},
-                    scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                                 resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
-                    run_config=RunConfig(
-                        name=RUN_NAME, **_ray_storage(cfg.out),
-                        failure_config=FailureConfig(max_failures=cfg.max_failures),
-                        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-                    datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
-                    dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-                )
-                result = trainer.fit()
-            images_per_s = (result.metrics or {}).get("images_per_s")
+            images_per_s = fit(RUN_NAME, _segment_worker, {"cfg": to_dict(cfg), "step_hook": step_hook}, cfg,
+                               _Streams(cfg, sources), start)
 
         final = segmenter_checkpoint(cfg.out)
         records = read_metrics(cfg.out)
@@ -944,23 +913,6 @@ class SegActor:
         return {"cm": cm.reshape(1, -1), "images": np.array([len(ids)]), "errors": np.array([json.dumps(errors)])}
 
 
-def actor_resources(actors: int | None, device: str) -> tuple[int, dict, str, int | None]:
-    """(pool size, Ray resources per actor, torch device, torch threads) for the seg-eval pool:
-    one actor per GPU when the cluster has GPUs; else one single-threaded actor per two logical
-    CPUs at num_cpus=0.5, so read tasks keep CPUs on small machines (see RAY-NOTES)."""
-    import ray
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: {device!r} is not one of auto, cpu, cuda")
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if device == "cuda" and not gpus:
-        raise ValueError("device cuda: the Ray cluster has no GPU")
-    if gpus and device != "cpu":
-        n = actors or int(gpus)
-        return n, {"num_gpus": min(1.0, gpus / n)}, "cuda", None
-    return actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2), {"num_cpus": 0.5}, "cpu", 1
-
-
 def evaluate(checkpoint: str, samples: list, out: str, *, batch_size: int = 4, actors: int | None = None,
              device: str = "auto", amp: bool = True, save_predictions: bool = False, title: str = "",
              source: dict | None = None) -> dict:
@@ -973,7 +925,8 @@ def evaluate(checkpoint: str, samples: list, out: str, *, batch_size: int = 4, a
 
     payload = read_segmenter(checkpoint)
     init_ray()
-    n_actors, resources, dev, threads = actor_resources(actors, device)
+    n_actors, resources, dev = actor_resources(actors, device, cpus_per_actor=0.5)
+    threads = 1 if dev == "cpu" else None  # single-threaded CPU actors
     blocks = max(1, min(1000, math.ceil(len(samples) / batch_size)))
     n_actors = min(n_actors, blocks)
     t0 = time.time()

@@ -103,6 +103,13 @@ def list_files(uri: str, suffix: str | tuple[str, ...] | None = None) -> list[st
     return sorted(out)
 
 
+def size(uri: str) -> int | None:
+    """Size in bytes of the file `uri`; None when there is no such file."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def list_dirs(uri: str) -> list[str]:
     """Names of the folders directly under `uri`, sorted; hidden ones (`_x`, `.x`) left out. Missing -> []."""
     fs, path = resolve(uri)

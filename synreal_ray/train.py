@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import math
@@ -67,13 +66,22 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
 from synreal_ray import storage
+from synreal_ray.checkpoints import (  # noqa: F401  (checkpoint_name: re-exported for callers of train)
+    META,
+    STATE,
+    checkpoint_name,
+    is_complete,
+    list_checkpoints,
+    read_meta,
+    read_state,
+    resume_point,
+)
 from synreal_ray.config import URI, ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.progress import StepPoster, TrainingProgress
+from synreal_ray.progress import StepPoster
 from synreal_ray.sampler import SmartBatchSampler
 from synreal_ray.stage import Stage, read_info
 
@@ -83,7 +91,6 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_NAME = "train"  # Ray Train run name under <out>/ray: fixed, so that a re-run finds its checkpoints
-STATE, META = "state.pt", "meta.json"
 PAIRS_COLUMNS = ("syn_id", "real_id", "rank", "distance", "w_syn", "w_real", "syn_image_uri", "real_image_uri")
 STEPS_PER_TASK = 4  # steps of images one Ray Data task loads: small, so several tasks run ahead
 LOAD_CPUS = 0.5  # per loading task; fractional so that small machines keep CPUs for the workers
@@ -221,7 +228,7 @@ def parse_size(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ images (pure)
 
 
-def load_image(uri: str, size: tuple[int, int]) -> np.ndarray:
+def read_training_image(uri: str, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8: the image scaled to cover `size` and centre-cropped (keeps the aspect)."""
     from synreal_ray.datasets.images import ImageError, decode_image
 
@@ -351,8 +358,8 @@ def load_steps(batch: dict[str, np.ndarray], *, rows: dict[str, np.ndarray], syn
     per = rows["syn"].shape[1]
     return {
         "step": np.repeat(rows["step"][local], per),
-        "syn": np.stack([load_image(syn_uris[i], size) for i in rows["syn"][local].ravel()]),
-        "real": np.stack([load_image(real_uris[i], size) for i in rows["real"][local].ravel()]),
+        "syn": np.stack([read_training_image(syn_uris[i], size) for i in rows["syn"][local].ravel()]),
+        "real": np.stack([read_training_image(real_uris[i], size) for i in rows["real"][local].ravel()]),
         "w_syn": rows["w_syn"][local].ravel(),
         "w_real": rows["w_real"][local].ravel(),
     }
@@ -366,36 +373,12 @@ def run_folder(out: str) -> str:
     return storage.join(out, "ray", RUN_NAME)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
-def _checkpoint_complete(uri: str) -> bool:
-    fs, path = storage.resolve(storage.join(uri, STATE))
-    try:
-        meta = read_meta(uri)
-    except (FileNotFoundError, ValueError):
-        return False
-    return fs.get_file_info(path).size == meta.get("state_bytes", -1)
-
-
-def list_checkpoints(run: str) -> list[tuple[int, str]]:
-    """(step, uri) of the complete checkpoints in a Ray run folder, oldest first."""
-    fs, path = storage.resolve(run)
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        m = re.fullmatch(r"checkpoint_(\d+)", info.base_name)
-        if m and info.type == pafs.FileType.Directory:
-            found.append((int(m[1]), storage.join(run, info.base_name)))
-    return [(s, u) for s, u in sorted(found) if _checkpoint_complete(u)]
-
-
 def latest_checkpoint(uri: str) -> str:
     """The newest complete checkpoint folder of a training run: `uri` is the run's `out` folder,
     its Ray run folder (out/ray/train) or a checkpoint folder itself. Local or s3://."""
     uri = str(uri).rstrip("/")
     if storage.exists(storage.join(uri, META)):
-        if not _checkpoint_complete(uri):
+        if not is_complete(uri):
             raise FileNotFoundError(f"{uri}: incomplete checkpoint ({STATE} missing or partly written)")
         return uri
     for run in (run_folder(uri), uri):
@@ -403,27 +386,6 @@ def latest_checkpoint(uri: str) -> str:
         if found:
             return found[-1][1]
     raise FileNotFoundError(f"{uri}: no complete checkpoint (looked for {run_folder(uri)}/checkpoint_*/{STATE})")
-
-
-def resume_point(run: str) -> tuple[int, str | None]:
-    """(step, checkpoint uri) to start from: the newest complete checkpoint, or (0, None)."""
-    found = list_checkpoints(run)
-    return found[-1] if found else (0, None)
-
-
-def read_meta(checkpoint: str) -> dict:
-    try:
-        return storage.read_json(storage.join(checkpoint, META))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{checkpoint}/{META}: not valid JSON: {e}") from None
-
-
-def read_state(checkpoint: str, map_location: Any = "cpu") -> dict:
-    """state.pt of a checkpoint (local or s3://) as a dict (see the module doc)."""
-    import torch
-
-    data = storage.read_bytes(storage.join(checkpoint, STATE))
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
 def load_generator(uri: str, device: Any = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -586,8 +548,8 @@ def _train_worker(config: dict) -> None:
     if rank == 0:
         metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
         grid_pairs = data.grid_pairs(cfg)
-        grid_syn = np.stack([load_image(s, cfg.size) for s, _ in grid_pairs])
-        grid_real = np.stack([load_image(r, cfg.size) for _, r in grid_pairs])
+        grid_syn = np.stack([read_training_image(s, cfg.size) for s, _ in grid_pairs])
+        grid_real = np.stack([read_training_image(r, cfg.size) for _, r in grid_pairs])
 
     step, t_first = start, None
     shard = ray.train.get_dataset_shard(f"rank{rank}")
@@ -675,11 +637,6 @@ def _absolute(uri: str | None) -> str | None:
     return uri if uri is None or storage.is_s3(uri) else os.path.abspath(uri)
 
 
-def _ray_storage(out: str) -> dict:
-    fs, path = storage.resolve(storage.join(out, "ray"))
-    return {"storage_path": path, "storage_filesystem": fs}
-
-
 def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None = None) -> dict:
     """Train, checkpoint, and publish the stage; returns the stage record (stage.json), with
     "skipped": True when an identical published run exists. Raises ValueError /
@@ -688,11 +645,7 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None 
 
     step_hook(step=, rank=, model=) runs on every worker after every step (tests use it to kill a
     worker); it must be picklable."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from synreal_ray.cluster import cpus_per_worker, init_ray
+    from synreal_ray.raytrain import fit
 
     # Ray Train workers run in a folder of their own: relative local paths would land there.
     cfg = dataclasses.replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in ("syn", "real", "pairs", "weights", "out")})
@@ -711,32 +664,8 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None 
 
     images_per_s = None
     if start < cfg.steps:
-        init_ray()
-        use_gpu = cfg.use_gpu
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers
-        streams = _Streams(cfg, data)
-        ingest = DataConfig.default_ingest_options()
-        ingest.preserve_order = True  # batches must reach a worker in step order
-        log.info("train: %s, steps %d..%d on %d worker(s)%s", cfg.model, start, cfg.steps, cfg.workers,
-                 " (GPU)" if use_gpu else "")
-        progress = TrainingProgress("train", total=cfg.steps, batch_size=cfg.batch_size, log_every=cfg.log_every,
-                                    logger=log, keys=("gen_total", "dis_total"))
-        with progress as board:  # rank 0 posts its steps there; None when progress is not shown
-            trainer = TorchTrainer(
-                _train_worker,
-                train_loop_config={"cfg": to_dict(cfg), "data": data, "step_hook": step_hook, "progress": board},
-                scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                             resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
-                run_config=RunConfig(
-                    name=RUN_NAME, **_ray_storage(cfg.out),
-                    failure_config=FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-                datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
-                dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
-            )
-            result = trainer.fit()
-        images_per_s = (result.metrics or {}).get("images_per_s")
+        images_per_s = fit(RUN_NAME, _train_worker, {"cfg": to_dict(cfg), "data": data, "step_hook": step_hook}, cfg,
+                           _Streams(cfg, data), start, keys=("gen_total", "dis_total"))
 
     final = latest_checkpoint(run)
     records = read_metrics(cfg.out)

@@ -35,34 +35,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from synreal_ray import storage
+from synreal_ray.checkpoints import META, STATE, is_complete
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
-STATE = "state.pt"
-META = "meta.json"
 JOURNAL = "_manifest"
 MANIFEST = "manifest.parquet"
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-# --- checkpoints (contract of the training stage: a folder with state.pt and meta.json) --------
-
-def _complete(folder: str) -> bool:
-    """state.pt present and, when meta.json records its size ("state_bytes"), of that size: a
-    partly copied or uploaded checkpoint is not one (the training stage's definition)."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(storage.join(folder, STATE))
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        return False
-    meta = storage.join(folder, META)
-    want = storage.read_json(meta).get("state_bytes") if storage.exists(meta) else None
-    return want is None or int(want) == info.size
-
+# --- checkpoints (synreal_ray/checkpoints.py says what a complete one is) ---------------------
 
 def resolve_checkpoint(uri: str) -> str:
     """A checkpoint folder (holding state.pt) -> itself; a training run's output -> its complete
@@ -70,8 +55,8 @@ def resolve_checkpoint(uri: str) -> str:
     uri = str(uri).rstrip("/")
     uri = uri if storage.is_s3(uri) else os.path.abspath(uri)
     if storage.exists(storage.join(uri, STATE)):
-        if not _complete(uri):
-            raise FileNotFoundError(f"{uri}: incomplete checkpoint ({STATE} is not the size {META} records)")
+        if not is_complete(uri):
+            raise FileNotFoundError(f"{uri}: incomplete checkpoint ({STATE} missing or not the size {META} records)")
         return uri
     best, best_step = None, -1
     for meta_uri in storage.list_files(uri, META):
@@ -82,7 +67,7 @@ def resolve_checkpoint(uri: str) -> str:
             step = int(storage.read_json(meta_uri)["step"])
         except (KeyError, TypeError, ValueError, json.JSONDecodeError):
             raise ValueError(f"{meta_uri}: checkpoint meta.json without an integer 'step'") from None
-        if step > best_step and _complete(folder):  # skips one being written, or another meta.json
+        if step > best_step and is_complete(folder):  # skips one being written, or another meta.json
             best, best_step = folder, step
     if best is None:
         raise FileNotFoundError(f"{uri}: no complete checkpoint here (a folder with {STATE} and {META}) or below it")
@@ -174,7 +159,7 @@ def translate_batch(gen, images: list[np.ndarray], multiple: int = 4, amp: bool 
 
 def training_scale(shape: tuple[int, int], train_size: tuple[int, int]) -> float:
     """The factor training scaled an image of `shape` (H, W) by: it covers the training crop
-    (train.load_image), so the larger of the two ratios."""
+    (train.read_training_image), so the larger of the two ratios."""
     return max(train_size[0] / shape[0], train_size[1] / shape[1])
 
 
@@ -380,11 +365,10 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
     if todo:
         import ray
 
-        from synreal_ray.cluster import init_ray
-        from synreal_ray.fid import actor_resources
+        from synreal_ray.cluster import actor_resources, init_ray
 
         init_ray()
-        actors, resources, device = actor_resources(cfg.actors, cfg.device)
+        actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
         blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
         actors = min(actors, blocks)  # an actor without a block would only cost its start-up
         generator = read_generator(ckpt)

@@ -228,15 +228,15 @@ def test_decode_image_refuses_more_pixels_than_the_limit():
 
 def test_translate_and_train_decode_through_the_pixel_limit(tmp_path, monkeypatch):
     from synreal_ray.datasets import images
-    from synreal_ray.train import load_image
+    from synreal_ray.train import read_training_image
     from synreal_ray.translate import decode_rgb
 
     path = tmp_path / "big.png"
     path.write_bytes(_png_bytes((64, 32)))
     assert decode_rgb(path.read_bytes(), str(path)).shape == (32, 64, 3)
-    assert load_image(str(path), (16, 16)).shape == (16, 16, 3)
+    assert read_training_image(str(path), (16, 16)).shape == (16, 16, 3)
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)  # the module default, read at each call
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: image of 2048 pixels is over the limit of 1000"):
         decode_rgb(path.read_bytes(), str(path))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: image of 2048 pixels is over the limit of 1000"):
-        load_image(str(path), (16, 16))
+        read_training_image(str(path), (16, 16))

@@ -103,7 +103,7 @@ def test_kid_of_disjoint_halves_of_one_distribution_is_about_zero():
     assert fid.parse_size("256x512") == (256, 512)
     buf = io.BytesIO()
     Image.new("RGBA", (40, 20), (10, 20, 30, 0)).save(buf, format="PNG")
-    img = fid.load_image(buf.getvalue(), (8, 12))
+    img = fid.decode_for_inception(buf.getvalue(), (8, 12))
     assert img.shape == (8, 12, 3) and img.dtype == np.uint8 and tuple(img[0, 0]) == (10, 20, 30)
     with pytest.raises(ValueError, match="HxW"):
         fid.parse_size("256")
@@ -118,7 +118,7 @@ def test_activations_equal_pytorch_fid(fid_data, tmp_path):
 
     paths = write_images(tmp_path / "x", 1, seed=5) + write_images(tmp_path / "y", 1, seed=6, size=(40, 30))
     model = fid.load_inception(fid_data["weights"], 2048)
-    ours = fid.activations([fid.load_image(open(p, "rb").read()) for p in paths], model)
+    ours = fid.activations([fid.decode_for_inception(open(p, "rb").read()) for p in paths], model)
     state = torch.load(fid_data["weights"], weights_only=True)
     saved = pfi.load_state_dict_from_url
     pfi.load_state_dict_from_url = lambda url, progress=True: state

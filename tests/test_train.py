@@ -113,9 +113,9 @@ def test_load_steps_reads_and_resizes_the_images_of_each_step_in_order(demo_data
                      size=(32, 64))
     assert out["step"].tolist() == [2, 0]  # 1 pair per worker per step
     assert out["syn"].shape == (2, 32, 64, 3) and out["syn"].dtype == np.uint8
-    from synreal_ray.train import load_image
+    from synreal_ray.train import read_training_image
 
-    np.testing.assert_array_equal(out["real"][1], load_image(data.real_uris[rows["real"][0, 0]], (32, 64)))
+    np.testing.assert_array_equal(out["real"][1], read_training_image(data.real_uris[rows["real"][0, 0]], (32, 64)))
 
 
 def test_prepare_data_rejects_pairs_of_other_datasets_and_bad_tables(demo_data, tmp_path):
