@@ -50,7 +50,8 @@ def save_checkpoint(folder: str, name: str, config: dict, size) -> None:
                 "schedulers": {}, "sampler": {}, "step": 0}, buf)
     storage.write_bytes(storage.join(folder, "state.pt"), buf.getvalue())
     storage.write_json(storage.join(folder, "meta.json"),
-                       {"step": 0, "model_name": name, "model_config": config, "image_size": list(size)})
+                       {"step": 0, "model_name": name, "model_config": config, "image_size": list(size),
+                        "state_bytes": len(buf.getvalue())})  # last, with state.pt's size: complete (checkpoints.py)
 
 
 def plain_loop(ckpt: str, dataset: str, out: str, batch_size: int, device: str, amp: bool) -> float:

@@ -114,8 +114,9 @@ def _run(a: argparse.Namespace) -> None:
 
 
 def _print_report(report: dict) -> None:
-    """The result tables a pipeline command exists to show, on stdout (the log, on stderr, names the files)."""
-    print(report["markdown"], flush=True)
+    """The four result tables a pipeline command exists to show, on stdout; captions, per-class IoU
+    and confusions are in report.md and report.html, which the log (stderr) names."""
+    print(report["summary"], flush=True)
 
 
 def _demo(a: argparse.Namespace) -> None:

@@ -609,9 +609,10 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def table_markdown(table: dict, columns: list[tuple[str, Any]]) -> list[str]:
-    """A table as Markdown lines: its title, its caption in italics, a header and one line per row."""
-    lines = [f"### {table['title']}", "", f"*{table['caption']}*", "",
+def table_markdown(table: dict, columns: list[tuple[str, Any]], caption: bool = True) -> list[str]:
+    """A table as Markdown lines: its title, its caption in italics (unless `caption` is False),
+    a header and one line per row."""
+    lines = [f"### {table['title']}", "", *([f"*{table['caption']}*", ""] if caption else []),
              "| " + " | ".join(["set", *[c for c, _ in columns]]) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += ["| " + " | ".join([r["comparison"], *[f(r) for _, f in columns]]) + " |" for r in table["rows"]]
     return lines + [""]
@@ -661,7 +662,8 @@ def write_report(cfg: PipelineConfig) -> dict:
     """report.md / report.json (one table per metric: consistency mIoU, downstream mIoU, FID, KID,
     each with its raw-synthetic and ceiling rows), the judge's largest confusions per run, the
     consistency pictures, before_after.png and report.html (report_html: all of it on one page).
-    The returned record carries the tables as Markdown ("markdown"), which the command line prints."""
+    The returned record carries report.md's text ("markdown") and the four tables alone, without
+    captions ("summary"), which the command line prints (the rest is in report.md / report.html)."""
     weights, random_inception = inception_weights(cfg)
     rows, caption = distance_rows(cfg, weights)
     label = "seeded random-weight Inception (not comparable to published FIDs)" if random_inception else "Inception (pytorch-fid weights)"
@@ -684,12 +686,13 @@ def write_report(cfg: PipelineConfig) -> dict:
               "real_val_split": real_val_split(cfg), "runs": [dataclasses.asdict(r) for r in cfg.runs]}
     seg_cols = [("mIoU (%)", lambda r: _pct(r["miou"])), ("pixel accuracy (%)", lambda r: _pct(r["pixel_accuracy"])),
                 ("images", lambda r: str(r["num_images"] or "–"))]
-    md = []
-    for key in ("consistency_miou", "downstream_miou"):
+    columns = {"consistency_miou": seg_cols, "downstream_miou": seg_cols, "fid": [("FID", lambda r: f"{r['fid']:.2f}")],
+               "kid": [("KID ×1000", lambda r: f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}")]}
+    md, summary = [], []
+    for key in ("consistency_miou", "downstream_miou", "fid", "kid"):
         if key in tables:
-            md += table_markdown(tables[key], seg_cols)
-    md += table_markdown(tables["fid"], [("FID", lambda r: f"{r['fid']:.2f}")])
-    md += table_markdown(tables["kid"], [("KID ×1000", lambda r: f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}")])
+            md += table_markdown(tables[key], columns[key])
+            summary += table_markdown(tables[key], columns[key], caption=False)
     if confusions:
         md += ["### The judge's largest confusions (ground truth → prediction)", ""]
         md += [f"- **{name}**: " + ("; ".join(c) if c else "none recorded") for name, c in confusions.items()] + [""]
@@ -704,7 +707,7 @@ def write_report(cfg: PipelineConfig) -> dict:
     page = write_html(cfg.out)
     log.info("report: %s (tables), %s (everything, one page), grid: %s", storage.join(cfg.out, "report.md"), page,
              storage.join(cfg.out, "before_after.png"))
-    return {**report, "markdown": "\n".join(md), "html": page}
+    return {**report, "markdown": "\n".join(md), "summary": "\n".join(summary), "html": page}
 
 
 def before_after_grid(cfg: PipelineConfig, tile: tuple[int, int] = (96, 192)) -> bytes:

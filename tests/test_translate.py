@@ -46,8 +46,9 @@ def save_checkpoint(folder: str, step: int, seed: int, config=TINY, name="cycleg
     torch.save({"model_name": name, "model_config": config, "model": model.state_dict(), "optimizers": {},
                 "schedulers": {}, "sampler": {}, "step": step}, buf)
     storage.write_bytes(storage.join(folder, "state.pt"), buf.getvalue())
-    storage.write_json(storage.join(folder, "meta.json"),
-                       {"step": step, "model_name": name, "model_config": config, "image_size": list(image_size)})
+    storage.write_json(storage.join(folder, "meta.json"),  # last, with state.pt's size: a complete checkpoint
+                       {"step": step, "model_name": name, "model_config": config, "image_size": list(image_size),
+                        "state_bytes": len(buf.getvalue())})
     return model
 
 
