@@ -443,7 +443,8 @@ class FidConfig:
 def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights: bytes) -> list[dict]:
     """Activations of each image set in `roots`, from the cache or computed (one Ray Data pipeline
     over every missing image, so the actors load Inception once). Returns per set:
-    {"acts", "key", "entry", "images", "computed", "root"}, and the pipeline's rates when it ran."""
+    {"acts", "rels" (the images' names, in the order of acts), "key", "entry", "images", "computed", "root"},
+    and the pipeline's rates when it ran."""
     from synreal_ray.stage import Stage
 
     size = parse_size(cfg.size)
@@ -508,7 +509,7 @@ def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights:
         row = {}
         for i, r in enumerate(rels):  # a retried or resumed batch may have left a duplicate row
             row.setdefault(r, i)
-        wanted = [f.rel for f in info.pop("files")]
+        wanted = info["rels"] = [f.rel for f in info.pop("files")]
         lost = [r for r in wanted if r not in row]
         if lost:
             raise FileNotFoundError(
@@ -532,6 +533,7 @@ def run_fid(cfg: FidConfig) -> dict:
             warnings.warn(msg, SmallSampleWarning, stacklevel=2)
             notes.append(msg)
     acts_a, acts_b = a.pop("acts"), b.pop("acts")
+    a.pop("rels"), b.pop("rels")  # the record stays a summary (sizes, cache entries), not a listing
     mu1, s1 = statistics(acts_a)
     mu2, s2 = statistics(acts_b)
     value = frechet_distance(mu1, s1, mu2, s2)

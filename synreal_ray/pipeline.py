@@ -492,11 +492,11 @@ def fid_kid_between(cfg: PipelineConfig, a: str, b: str, weights: str) -> dict:
 def set_acts(cfg: PipelineConfig, roots: list[str], weights: str) -> dict[str, tuple[list[str], Any]]:
     """{root: (relative image names, their Inception activations)} of every image set the report
     compares, computed by one actor pool (Inception loaded once per actor) or read from the cache."""
-    from synreal_ray.fid import list_images, set_activations
+    from synreal_ray.fid import set_activations
 
     fc = fid_config(cfg, roots[0], roots[-1], weights)
     sets = set_activations(roots, fc, weights, storage.read_bytes(weights))
-    return {s["root"]: ([f.rel for f in list_images(s["root"], fc.max_images, fc.seed)], s["acts"]) for s in sets}
+    return {s["root"]: (s["rels"], s["acts"]) for s in sets}
 
 
 def distance(acts_a, acts_b) -> dict[str, float]:
