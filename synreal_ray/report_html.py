@@ -119,8 +119,8 @@ def figure(uri: str | None, caption: str, png: bytes | None = None) -> str:
 # --- the page ---
 
 def _pngs(uri: str) -> list[str]:
-    """PNG files directly in `uri` (not in its subfolders)."""
-    return [u for u in storage.list_files(uri, suffix=".png") if "/" not in storage.relpath(u, uri)]
+    """PNG files directly in `uri` (its subfolders, a translated dataset among them, are not listed)."""
+    return storage.list_files(uri, suffix=".png", recursive=False)
 
 
 def _runs_section(out: str) -> str:
@@ -152,16 +152,27 @@ def _iou_rows(evaluation: dict) -> list[tuple[str, float]]:
     return [(name, v) for name, v in evaluation.get("iou", {}).items() if v is not None]
 
 
+def _evaluation_folders(out: str) -> list[str]:
+    """Folders holding an eval.json where the pipeline writes them (pipeline.py's layout): segment
+    outputs' val/, seg-eval outputs under consistency/, and the same per run. Only these folders
+    are looked into, never a dataset's own tree."""
+    folders = []
+    for group in (storage.join(out, "segment"), storage.join(out, "consistency")):
+        for name in storage.list_dirs(group):
+            folders += [storage.join(group, name), storage.join(group, name, "val")]
+    for name in storage.list_dirs(storage.join(out, "runs")):
+        run = storage.join(out, "runs", name)
+        folders += [storage.join(run, "consistency"), storage.join(run, "segment"), storage.join(run, "segment", "val")]
+    return [f for f in folders if storage.exists(storage.join(f, "eval.json"))]
+
+
 def _segmentation_section(out: str) -> str:
     from synreal_ray import viz
 
     parts = []
-    for uri in storage.list_files(out, suffix="eval.json"):
-        folder = uri.rsplit("/", 1)[0]
+    for folder in _evaluation_folders(out):
         rel = storage.relpath(folder, out)
-        if "translated/" in rel + "/":
-            continue  # a dataset's own files, not an evaluation of this run
-        evaluation = storage.read_json(uri)
+        evaluation = storage.read_json(storage.join(folder, "eval.json"))
         head = (f"<h3>{html.escape(rel)}</h3><p>mIoU {100 * evaluation['miou']:.1f}%, pixel accuracy "
                 f"{100 * evaluation['pixel_accuracy']:.1f}%, {evaluation.get('num_images', '?')} images</p>"
                 if evaluation.get("miou") is not None else f"<h3>{html.escape(rel)}</h3>")

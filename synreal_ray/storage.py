@@ -86,15 +86,15 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def list_files(uri: str, suffix: str | tuple[str, ...] | None = None) -> list[str]:
-    """All files under `uri` (recursive), as URIs, sorted. Missing folder -> []."""
+def list_files(uri: str, suffix: str | tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
+    """All files under `uri` (recursive, or only those directly in it), as URIs, sorted. Missing folder -> []."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type == pafs.FileType.File:
         return [str(uri)]
-    sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     out = [
         _to_uri(uri, f.path)
         for f in fs.get_file_info(sel)
