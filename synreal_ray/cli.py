@@ -40,15 +40,12 @@ def _features(a: argparse.Namespace) -> None:
 
 
 def _kliep(a: argparse.Namespace) -> None:
-    from synreal_ray.weighting import KliepConfig, run_kliep
+    from synreal_ray.weighting import KliepConfig, kliep_summary, run_kliep
 
     sigma = None if a.sigma == "auto" else _positive_float(a.sigma, "--sigma")
     cfg = _config(KliepConfig, syn=a.syn, real=a.real, out=a.out, sigma=sigma, centers=a.centers, folds=a.folds,
                   clip=a.clip, cv_samples=a.cv_samples, seed=a.seed, device=a.device)
-    rec = run_kliep(cfg, force=a.force)
-    print(f"kliep: sigma w={rec['sigma']['w']:.4g} psi={rec['sigma']['psi']:.4g}; effective sample size "
-          f"{rec['ess_fraction']['w']:.0%} of synthetic, {rec['ess_fraction']['psi']:.0%} of real "
-          f"-> {cfg.out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")
+    print(kliep_summary(run_kliep(cfg, force=a.force), cfg.out))
 
 
 def _pairs(a: argparse.Namespace) -> None:
@@ -242,7 +239,8 @@ def _seg_eval(a: argparse.Namespace) -> None:
     from synreal_ray.segment import SegEvalConfig, run_seg_eval
 
     cfg = _config(SegEvalConfig, model=a.model, dataset=a.dataset, layout=a.layout, split=a.split, out=a.out,
-                  save_predictions=a.save_predictions, batch_size=a.batch_size, actors=a.actors, device=a.device)
+                  save_predictions=a.save_predictions, batch_size=a.batch_size, actors=a.actors, device=a.device,
+                  in_process_max=a.in_process_max)
     rec = run_seg_eval(cfg, force=a.force)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for line in rec["top_confusions"][:3]:
@@ -519,6 +517,9 @@ def _args_seg_eval(se: argparse.ArgumentParser) -> None:
                     help="default: one per GPU, else CPUs / 2")
     se.add_argument("--device", default=default_of(SegEvalConfig, "device"),
                     help="auto (GPU when present), cpu or cuda")
+    se.add_argument("--in-process-max", type=int, default=default_of(SegEvalConfig, "in_process_max"),
+                    help="sets of at most this many images are scored in this process, larger ones by an actor "
+                         "pool (0: always a pool)")
     se.add_argument("--force", action="store_true")
 
 

@@ -19,11 +19,21 @@ def set_ray_console(verbose: bool) -> None:
     _ray_console = verbose
 
 
-class _DropHint(logging.Filter):
-    """Ray Data's hint on how to turn the progress bars back on, after we turned them off."""
+class _DropNotice(logging.Filter):
+    """Drops Ray's records that start with `prefix`: notices that need no action from the user."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Progress bars disabled")
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _drop(logger: str, prefix: str) -> None:
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in target.filters):
+        target.addFilter(_DropNotice(prefix))
 
 
 def _quiet_ray_data(bars: bool) -> None:
@@ -36,8 +46,8 @@ def _quiet_ray_data(bars: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
-            if not any(isinstance(f, _DropHint) for f in handler.filters):
-                handler.addFilter(_DropHint())
+            if not any(isinstance(f, _DropNotice) for f in handler.filters):
+                handler.addFilter(_DropNotice("Progress bars disabled"))  # the hint to turn them back on
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -51,6 +61,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Ray's notices about its own internals are not the user's to act on (after `import ray`,
         # which puts its own filter for them first).
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        # A local Ray starting with token authentication on (its secure default) says so each time.
+        _drop("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
         _quiet_ray_data(bars=shown(logging.getLogger("synreal_ray")))
     if ray.is_initialized():
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,8 +27,11 @@ from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.images import MAX_PIXELS, ImageError, decode_image
 from synreal_ray.datasets.labels import IGNORE, LABEL_TO_TRAIN, NUM_CLASSES, to_train_ids, unknown_ids, unknown_ids_error
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
+from synreal_ray.progress import bar as progress_bar
 from synreal_ray.spfeat import feature_dim, fine_grid, levels_str, parse_levels, sp_feat, sp_feat_from_counts
 from synreal_ray.stage import Stage
+
+log = logging.getLogger(__name__)
 
 META_KEY = b"synreal.features"
 DOMAINS = ("syn", "real")
@@ -225,13 +229,16 @@ def run_features(cfg: FeaturesConfig, force: bool = False) -> dict:
     n_blocks = max(1, min(len(items), max(2 * int(ray.cluster_resources().get("CPU", 1)), len(items) // 256)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     summary = ds.map_batches(_write_features, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="numpy")
+    summary.context.enable_progress_bars = False  # the bar below counts label maps
     written, errors = 0, [(p.uri, p.reason) for p in problems]
-    for batch in summary.iter_batches(batch_size=None, batch_format="numpy"):
-        written += int(batch["rows"].sum())
-        for e in batch["errors"]:
-            errors.extend(tuple(x) for x in json.loads(e))
-        if errors and cfg.on_error == "raise":  # stops the dataset; the output stays unpublished
-            raise SampleError(errors[0][1])
+    with progress_bar(len(items), "features", "img", log) as bar:
+        for batch in summary.iter_batches(batch_size=None, batch_format="numpy"):
+            written += int(batch["rows"].sum())
+            failed = [tuple(x) for e in batch["errors"] for x in json.loads(e)]
+            errors += failed
+            bar.update(int(batch["rows"].sum()) + len(failed))
+            if errors and cfg.on_error == "raise":  # stops the dataset; the output stays unpublished
+                raise SampleError(errors[0][1])
     if problems:  # listing problems (e.g. an image without a label) are recorded like the others
         storage.write_parquet(pa.table({"uri": [p.uri for p in problems], "reason": [p.reason for p in problems]},
                               schema=ERROR_SCHEMA), storage.join(cfg.out, "errors", "part-listing.parquet"))

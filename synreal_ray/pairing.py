@@ -47,6 +47,7 @@ from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.images import decode_image
 from synreal_ray.datasets.labels import IGNORE, to_train_ids
 from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, load_features
+from synreal_ray.progress import bar as progress_bar
 from synreal_ray.sampler import pairs_query
 from synreal_ray.stage import Stage
 
@@ -157,7 +158,13 @@ class KnnActor:
         })
         storage.write_parquet(table, storage.join(cfg.out, "pairs", storage.part_name(query_ids)))
         return {"pairs": np.array([len(rows)]), "dropped": np.array([int((~keep).sum())]),
-                "distance_sum": np.array([float(dist[keep].sum())])}
+                "distance_sum": np.array([float(dist[keep].sum())]), "queries": np.array([len(query_ids)])}
+
+
+def queries_in(batch: dict) -> int:
+    """Query images answered in one of KnnActor's output batches (query real: the candidates of
+    each query, which never straddle batches; query syn: counted by the actor)."""
+    return int(batch["queries"].sum()) if "queries" in batch else len(np.unique(batch["real_id"]))
 
 
 def _check_weight_ids(weights: dict[str, float], ids, domain: str, uri: str) -> None:
@@ -252,7 +259,12 @@ def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
     out = ds.map_batches(KnnActor, fn_constructor_kwargs=actor_kwargs,
                          compute=ray.data.ActorPoolStrategy(size=actors), batch_format="pyarrow",
                          batch_size=4096, **per_actor)
-    batches = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+    out.context.enable_progress_bars = False  # the bar below counts queries
+    batches = []
+    with progress_bar(len(sides[cfg.query]["id"]), "pairs", "query", log) as bar:
+        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+            batches.append(b)
+            bar.update(queries_in(b))
     if cfg.query == "real":
         cand = {c: np.concatenate([b[c] for b in batches]) for c in ("real_id", "syn_row", "distance")}
         table, dropped = real_query_pairs(cfg, cand["real_id"], cand["syn_row"], cand["distance"],

@@ -36,8 +36,10 @@ import yaml
 from PIL import Image
 
 from synreal_ray import storage
+from synreal_ray.ablation import runs_table
 from synreal_ray.config import URI, ConfigError, from_dict, parse_yaml, set_dotted, to_dict
 from synreal_ray.datasets.images import decode_image
+from synreal_ray.progress import scope
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class EvaluateSection:
 
     consistency: bool = True  # the judge (trained on real train) on each translation, against the synthetic labels
     downstream: bool = True  # a segmenter trained on each translation (and on raw synthetic), scored on real val
+    ablation: bool = False  # also print the runs side by side and the KLIEP importance cohorts (see ablation.py)
 
 
 # Keys of SegmentConfig the pipeline fills in itself (its data, out, val); `segment:` holds the rest.
@@ -376,9 +379,9 @@ def consistency_config(cfg: PipelineConfig, judge: str, dataset: str, out: str):
     from synreal_ray.segment import SegEvalConfig
 
     d = cfg.data
-    batch = segment_config(cfg, "judge", [(d.real, d.real_layout, d.real_split)], judge, d.real_split).eval_batch_size
+    seg = segment_config(cfg, "judge", [(d.real, d.real_layout, d.real_split)], judge, d.real_split)
     return SegEvalConfig(model=judge, dataset=dataset, layout=d.syn_layout, split=d.syn_split, out=out,
-                         save_predictions=True, batch_size=batch)
+                         save_predictions=True, batch_size=seg.eval_batch_size, in_process_max=seg.eval_in_process_max)
 
 
 def run_consistency(cfg: PipelineConfig, judge: str, dataset: str, out: str, force: bool = False) -> dict:
@@ -397,20 +400,20 @@ def run_segmentation(cfg: PipelineConfig, force: bool = False) -> None:
     ev, sp = cfg.evaluate, segment_paths(cfg)
     if not (ev.consistency or ev.downstream):
         return
-    log.info("segment: the judge (real train)")
-    run_segment(judge_config(cfg), force)
+    with scope("judge (real train)"):
+        run_segment(judge_config(cfg), force)
     if ev.consistency:
-        log.info("consistency: raw synthetic")
-        run_consistency(cfg, sp["judge"], cfg.data.syn, sp["syn_consistency"], force)
+        with scope("consistency raw synthetic"):
+            run_consistency(cfg, sp["judge"], cfg.data.syn, sp["syn_consistency"], force)
         for run in cfg.runs:
-            log.info("consistency: %s", run.name)
-            run_consistency(cfg, sp["judge"], translated_uri(cfg, run), run_paths(cfg, run)["consistency"], force)
+            with scope(f"consistency {run.name}"):
+                run_consistency(cfg, sp["judge"], translated_uri(cfg, run), run_paths(cfg, run)["consistency"], force)
     if ev.downstream:
-        log.info("segment: downstream on raw synthetic")
-        run_segment(downstream_config(cfg, cfg.data.syn, sp["syn_segment"]), force)
+        with scope("downstream raw synthetic"):
+            run_segment(downstream_config(cfg, cfg.data.syn, sp["syn_segment"]), force)
         for run in cfg.runs:
-            log.info("segment: downstream on %s", run.name)
-            run_segment(downstream_config(cfg, translated_uri(cfg, run), run_paths(cfg, run)["segment"]), force)
+            with scope(f"downstream {run.name}"):
+                run_segment(downstream_config(cfg, translated_uri(cfg, run), run_paths(cfg, run)["segment"]), force)
 
 
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
@@ -421,31 +424,29 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict:
     from synreal_ray.stage import check_output
     from synreal_ray.train import run_train
     from synreal_ray.translate import run_translate
-    from synreal_ray.weighting import run_kliep
+    from synreal_ray.weighting import kliep_summary, run_kliep
 
     # The pipeline's folder holds every stage's output: it may not be, hold or lie inside the data.
     check_output(cfg.out, [cfg.data.syn, cfg.data.real], "out")
     init_ray()
     storage.write_bytes(storage.join(cfg.out, "config.yaml"), yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False).encode())
-    log.info("features")
-    run_features(features_config(cfg, "syn"), force)
-    run_features(features_config(cfg, "real"), force)
+    # Each stage draws its own bar (or logs its own lines), named after the scope it runs in.
+    for domain in ("syn", "real"):
+        with scope(domain):
+            run_features(features_config(cfg, domain), force)
     needs_weights = any(r.weighting != "none" for r in cfg.runs)
     needs_pairs = any(r.pairing == "spfeat" for r in cfg.runs)
     if needs_weights or needs_pairs:
-        log.info("kliep")
-        run_kliep(kliep_config(cfg), force)
+        kc = kliep_config(cfg)
+        log.info(kliep_summary(run_kliep(kc, force), kc.out))
     if needs_pairs:
-        log.info("pairs")
         run_pairs(pairs_config(cfg), force)
     for run in cfg.runs:
-        log.info(f"train {run.name}")
-        tc = train_config(cfg, run)
-        run_train(tc, force=force)
-        log.info(f"translate {run.name}")
-        run_translate(translate_config(cfg, run, tc.out), force)
+        with scope(run.name):
+            tc = train_config(cfg, run)
+            run_train(tc, force=force)
+            run_translate(translate_config(cfg, run, tc.out), force)
     run_segmentation(cfg, force)
-    log.info("fid + kid + report")
     return write_report(cfg)
 
 
@@ -501,12 +502,10 @@ def set_acts(cfg: PipelineConfig, roots: list[str], weights: str) -> dict[str, t
 
 def distance(acts_a, acts_b) -> dict[str, float]:
     """FID and KID (mean, std over subsets) between two activation matrices."""
-    from synreal_ray.fid import frechet_distance, kid, statistics
+    from synreal_ray.fid import fid_of, kid
 
-    mu1, s1 = statistics(acts_a)
-    mu2, s2 = statistics(acts_b)
     k, k_std = kid(acts_a, acts_b)
-    return {"fid": float(frechet_distance(mu1, s1, mu2, s2)), "kid": float(k), "kid_std": float(k_std)}
+    return {"fid": fid_of(acts_a, acts_b), "kid": float(k), "kid_std": float(k_std)}
 
 
 def halves(rels: list[str]) -> tuple[list[int], list[int]]:
@@ -514,10 +513,11 @@ def halves(rels: list[str]) -> tuple[list[int], list[int]]:
     return list(range(0, len(rels), 2)), list(range(1, len(rels), 2))
 
 
-def distance_rows(cfg: PipelineConfig, weights: str) -> tuple[list[dict], str]:
+def distance_rows(cfg: PipelineConfig, weights: str) -> tuple[list[dict], str, dict]:
     """FID/KID rows and the caption saying which sets they compare: every set against the real
     val split (the real train split, with a note, where there is none); the real train vs val
-    floor; each run's translations vs the synthetic originals on disjoint halves."""
+    floor; each run's translations vs the synthetic originals on disjoint halves. Third: the
+    activations, {"ref": reference acts, "runs": {run name: (image names, acts)}}."""
     import numpy as np
 
     from synreal_ray.datasets.layouts import image_root
@@ -551,7 +551,29 @@ def distance_rows(cfg: PipelineConfig, weights: str) -> tuple[list[dict], str]:
     caption += (f"; translated vs synthetic compares the translations of the even-numbered synthetic images "
                 f"(by sorted path, {len(even)}) with the odd-numbered synthetic originals ({len(odd)}), "
                 "so no image meets its own translation")
-    return rows, caption
+    return rows, caption, {"ref": acts[ref_img][1], "runs": {name: acts[root] for name, root in out_imgs.items()}}
+
+
+def cohort_rows(cfg: PipelineConfig, run_acts: dict) -> dict | None:
+    """ablation.cohort_table for every run, or None without KLIEP weights."""
+    from synreal_ray.ablation import cohort_table
+    from synreal_ray.datasets.layouts import image_root, list_dataset
+    from synreal_ray.weighting import load_weights
+
+    kliep = paths(cfg)["kliep"]
+    if not storage.is_complete(kliep):
+        return None
+    d, runs = cfg.data, []
+    for run in cfg.runs:
+        uri = translated_uri(cfg, run)
+        samples, _ = list_dataset(uri, d.syn_layout, d.syn_split)
+        root = image_root(uri, d.syn_layout, d.syn_split)
+        predictions = storage.join(run_paths(cfg, run)["consistency"], "predictions")
+        rels, acts = run_acts["runs"][run.name]
+        runs.append({"name": run.name, "samples": samples, "rels": rels, "acts": acts,
+                     "rel_of": {s.id: storage.relpath(s.image_uri, root) for s in samples},
+                     "predictions": predictions if storage.is_complete(run_paths(cfg, run)["consistency"]) else None})
+    return cohort_table(runs, load_weights(kliep)["syn"], run_acts["ref"], distance)
 
 
 def _eval(uri: str, stage: str | None = None) -> dict | None:
@@ -607,6 +629,14 @@ def segmentation_tables(cfg: PipelineConfig) -> dict[str, dict]:
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _kid(row: dict) -> str:
+    return "–" if row.get("kid") is None else f"{1000 * row['kid']:.2f} ± {1000 * row['kid_std']:.2f}"
 
 
 def table_markdown(table: dict, columns: list[tuple[str, Any]], caption: bool = True) -> list[str]:
@@ -665,7 +695,7 @@ def write_report(cfg: PipelineConfig) -> dict:
     The returned record carries report.md's text ("markdown") and the four tables alone, without
     captions ("summary"), which the command line prints (the rest is in report.md / report.html)."""
     weights, random_inception = inception_weights(cfg)
-    rows, caption = distance_rows(cfg, weights)
+    rows, caption, acts = distance_rows(cfg, weights)
     label = "seeded random-weight Inception (not comparable to published FIDs)" if random_inception else "Inception (pytorch-fid weights)"
     tables = segmentation_tables(cfg)
     tables["fid"] = {"title": f"FID ({label}, {cfg.fid.dims} dims; lower is closer)", "caption": caption, "rows": rows}
@@ -686,13 +716,32 @@ def write_report(cfg: PipelineConfig) -> dict:
               "real_val_split": real_val_split(cfg), "runs": [dataclasses.asdict(r) for r in cfg.runs]}
     seg_cols = [("mIoU (%)", lambda r: _pct(r["miou"])), ("pixel accuracy (%)", lambda r: _pct(r["pixel_accuracy"])),
                 ("images", lambda r: str(r["num_images"] or "–"))]
-    columns = {"consistency_miou": seg_cols, "downstream_miou": seg_cols, "fid": [("FID", lambda r: f"{r['fid']:.2f}")],
-               "kid": [("KID ×1000", lambda r: f"{1000 * r['kid']:.2f} ± {1000 * r['kid_std']:.2f}")]}
+    columns = {"consistency_miou": seg_cols, "downstream_miou": seg_cols, "fid": [("FID", lambda r: _num(r["fid"]))],
+               "kid": [("KID ×1000", _kid)]}
     md, summary = [], []
     for key in ("consistency_miou", "downstream_miou", "fid", "kid"):
         if key in tables:
             md += table_markdown(tables[key], columns[key])
             summary += table_markdown(tables[key], columns[key], caption=False)
+    if len(cfg.runs) > 1:  # the ablation view: one row per run, every metric
+        report["runs_table"] = runs_table(list(cfg.runs), tables)
+        run_cols = [("model", lambda r: r["model"]), ("pairing", lambda r: r["pairing"]),
+                    ("weighting", lambda r: r["weighting"]),
+                    *[(n, lambda r, k=k: _pct(r[k])) for n, k in (("consistency mIoU", "consistency_miou"),
+                                                                   ("downstream mIoU", "downstream_miou"))
+                      if k in tables],
+                    ("FID", lambda r: _num(r["fid"])), ("KID ×1000", lambda r: _kid(r))]
+        md += table_markdown(report["runs_table"], run_cols)
+        if cfg.evaluate.ablation:
+            summary += table_markdown(report["runs_table"], run_cols, caption=False)
+    cohort = cohort_rows(cfg, acts) if cfg.evaluate.ablation else None
+    if cohort is not None:
+        report["cohort_table"] = cohort
+        cohort_cols = [("ω range", lambda r: f"{r['w_min']:.3g}–{r['w_max']:.3g}"),
+                       ("images", lambda r: str(r["num_images"])), ("consistency mIoU (%)", lambda r: _pct(r["miou"])),
+                       ("FID", lambda r: _num(r.get("fid"))), ("KID ×1000", lambda r: _kid(r))]
+        md += table_markdown(cohort, cohort_cols)
+        summary += table_markdown(cohort, cohort_cols, caption=False)
     if confusions:
         md += ["### The judge's largest confusions (ground truth → prediction)", ""]
         md += [f"- **{name}**: " + ("; ".join(c) if c else "none recorded") for name, c in confusions.items()] + [""]

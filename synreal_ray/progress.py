@@ -12,6 +12,7 @@ logs (`synreal -v`). So rank 0 posts its step to a small actor (`Board`) and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -24,19 +25,62 @@ POST_SECONDS = 0.5  # rank 0 posts at most this often (and always its last step)
 POLL_SECONDS = 0.5  # the driver reads the board this often
 
 
+_scope: str | None = None  # what the pipeline is working on ("unit-baseline"): named by every bar
+
+
+@contextlib.contextmanager
+def scope(name: str | None):
+    """Bars and progress lines drawn inside the block name `name` after the stage ("train
+    unit-baseline: 40%|..."), so a pipeline needs no header line per step."""
+    global _scope
+    before, _scope = _scope, name
+    try:
+        yield
+    finally:
+        _scope = before
+
+
+def described(what: str) -> str:
+    """`what`, followed by the current scope's name when there is one."""
+    return f"{what} {_scope}" if _scope else what
+
+
 def shown(logger: logging.Logger) -> bool:
     """Progress is INFO: shown when `logger` shows INFO."""
     return logger.isEnabledFor(logging.INFO)
 
 
-def bar(total: int, desc: str, unit: str, logger: logging.Logger, initial: int = 0):
-    """A tqdm bar on stderr when it is a terminal and `logger` shows INFO; else None."""
-    if not (shown(logger) and sys.stderr.isatty()):
-        return None
+def bar_drawn(logger: logging.Logger) -> bool:
+    """Progress for `logger` is drawn as a bar (stderr is a terminal), not logged as lines."""
+    return shown(logger) and sys.stderr.isatty()
+
+
+class _NoBar:
+    """What `bar` returns when nothing is drawn: update and close do nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def bar(total: int, desc: str, unit: str, logger: logging.Logger, initial: int = 0, leave: bool = True):
+    """A tqdm bar on stderr when it is a terminal and `logger` shows INFO; else one that draws
+    nothing. Both have update(n), close() and work as context managers. leave=False: erased when
+    closed (for work whose result line follows)."""
+    if not bar_drawn(logger):
+        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, mininterval=0.5,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit=unit, desc=described(desc), file=sys.stderr, mininterval=0.5,
+                dynamic_ncols=True, leave=leave)
 
 
 def duration(seconds: float) -> str:
@@ -80,7 +124,8 @@ class TrainingProgress:
 
     def __init__(self, name: str, total: int, batch_size: int, log_every: int, logger: logging.Logger,
                  keys: tuple[str, ...] | None = None):
-        self.name, self.total, self.batch_size, self.log_every, self.logger = name, total, batch_size, log_every, logger
+        self.name, self.total, self.batch_size, self.log_every = described(name), total, batch_size, log_every
+        self.logger = logger
         self.keys = keys
         self.board = None
         self._stop = threading.Event()

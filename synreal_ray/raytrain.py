@@ -38,7 +38,7 @@ def fit(run_name: str, worker: Callable, loop_config: dict, cfg: Any, streams: A
     from ray.train.torch import TorchTrainer
 
     from synreal_ray.cluster import cpus_per_worker, init_ray
-    from synreal_ray.progress import TrainingProgress
+    from synreal_ray.progress import TrainingProgress, bar_drawn, described
 
     init_ray()
     use_gpu = cfg.use_gpu
@@ -46,8 +46,11 @@ def fit(run_name: str, worker: Callable, loop_config: dict, cfg: Any, streams: A
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # batches must reach a worker in step order
-    log.info("%s: %s, steps %d..%d on %d worker(s)%s", run_name, cfg.model, start, cfg.steps, cfg.workers,
-             " (GPU)" if use_gpu else "")
+    # On a terminal the bar shows the steps: this line then only says what the bar does not (a
+    # resumed run, several workers, GPUs).
+    plain = start == 0 and cfg.workers == 1 and not use_gpu and bar_drawn(log)
+    log.log(logging.DEBUG if plain else logging.INFO, "%s: %s, steps %d..%d on %d worker(s)%s", described(run_name),
+            cfg.model, start, cfg.steps, cfg.workers, " (GPU)" if use_gpu else "")
     progress = TrainingProgress(run_name, total=cfg.steps, batch_size=cfg.batch_size, log_every=cfg.log_every,
                                 logger=log, keys=keys)
     with progress as board:  # rank 0 posts its steps there; None when progress is not shown

@@ -209,5 +209,5 @@ def write_html(out: str) -> str:
     """Write `out`/report.html; returns its URI."""
     uri = storage.join(out, "report.html")
     storage.write_bytes(uri, render_html(out).encode())
-    log.info("report page: %s", uri)
+    log.debug("report page: %s", uri)
     return uri

@@ -70,6 +70,7 @@ A class absent from the ground truth but predicted somewhere therefore scores 0,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -87,11 +88,12 @@ import numpy as np
 
 from synreal_ray import hub, storage
 from synreal_ray.checkpoints import checkpoint_name, read_meta, read_state, resume_point
-from synreal_ray.cluster import actor_resources
+from synreal_ray.cluster import DEVICES, actor_resources
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
-from synreal_ray.progress import StepPoster
+from synreal_ray.progress import StepPoster, described
+from synreal_ray.progress import bar as progress_bar
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
     LOAD_CPUS,
@@ -107,6 +109,9 @@ from synreal_ray.train import (
 log = logging.getLogger(__name__)
 
 RUN_NAME = "segment"  # Ray Train run name under <out>/ray
+# Sets of at most this many images are scored in the calling process: an actor pool's start-up
+# (~15 s on 2 cores) outweighs their compute (the demo's 32 val images take ~1 s). 0: always a pool.
+IN_PROCESS_MAX = 100
 STATE, META = "state.pt", "meta.json"
 # ImageNet statistics: torchvision's segmentation models (and their backbones) expect them
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -528,6 +533,7 @@ class SegmentConfig:
     log_every: int = 10
     bn_batches: int = 16  # BatchNorm recalibration before each checkpoint: batches per worker (0: off)
     eval_batch_size: int = 4
+    eval_in_process_max: int = IN_PROCESS_MAX  # val sets up to this size are scored without an actor pool
     seed: int = 0
     resume: bool = False
 
@@ -540,7 +546,7 @@ class SegmentConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key)
-        for key in ("bn_batches", "seed"):
+        for key in ("bn_batches", "seed", "eval_in_process_max"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, key)}", key)
         for key in ("lr", "poly_power"):
@@ -818,7 +824,7 @@ class _Streams:
 # Settings that may change between a run and its continuation: more steps extend the same run
 # (the poly schedule then follows the new total), and the validation set is only scored at the end.
 CONTINUABLE = ("steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "val", "val_layout",
-               "val_split", "eval_batch_size")
+               "val_split", "eval_batch_size", "eval_in_process_max")
 
 
 def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | None = None) -> dict:
@@ -859,6 +865,7 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
         if val_samples is not None:
             outputs["val"] = storage.join(cfg.out, "val")
             res = evaluate(final, val_samples, outputs["val"], batch_size=cfg.eval_batch_size,
+                           in_process_max=cfg.eval_in_process_max,
                            title=f"{cfg.model} on {cfg.val}", source={"dataset": cfg.val, "layout": cfg.val_layout,
                                                                     "split": cfg.resolved_val_split})
             val = {k: res[k] for k in ("miou", "pixel_accuracy", "num_images")}
@@ -913,39 +920,94 @@ class SegActor:
         return {"cm": cm.reshape(1, -1), "images": np.array([len(ids)]), "errors": np.array([json.dumps(errors)])}
 
 
-def evaluate(checkpoint: str, samples: list, out: str, *, batch_size: int = 4, actors: int | None = None,
-             device: str = "auto", amp: bool = True, save_predictions: bool = False, title: str = "",
-             source: dict | None = None) -> dict:
-    """Score `checkpoint` on `samples` (datasets.layouts.Sample) with an actor pool and write
-    eval.json, eval.md, confusion.png (and predictions/) under `out`. Returns eval.json's record."""
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` inside the block (None: unchanged), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _local_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: this process sees no GPU")
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _score_in_process(payload: dict, items: list[dict], batch_size: int, device: str, amp: bool,
+                      predictions: str | None) -> tuple[Iterable[dict], str]:
+    """SegActor's work in this process, batch by batch (no actor pool to start): on CPU with one
+    torch thread, as each pool actor has, so a set scores the same either way."""
+    dev = _local_device(device)
+    actor = SegActor(payload, device=dev, amp=amp, predictions=predictions)
+
+    def results():
+        with _torch_threads(1 if dev == "cpu" else None):
+            for k in range(0, len(items), batch_size):
+                part = items[k:k + batch_size]
+                yield actor({key: [it[key] for it in part] for key in ("id", "image_uri", "label_uri")})
+
+    return results(), dev
+
+
+def _score_with_pool(payload: dict, items: list[dict], batch_size: int, actors: int | None, device: str, amp: bool,
+                     predictions: str | None) -> tuple[Iterable[dict], int, str]:
+    """SegActor in a Ray Data actor pool: single-threaded CPU actors, or one per GPU."""
     import ray
 
-    from synreal_ray import viz
     from synreal_ray.cluster import init_ray
 
-    payload = read_segmenter(checkpoint)
     init_ray()
     n_actors, resources, dev = actor_resources(actors, device, cpus_per_actor=0.5)
-    threads = 1 if dev == "cpu" else None  # single-threaded CPU actors
-    blocks = max(1, min(1000, math.ceil(len(samples) / batch_size)))
+    blocks = max(1, min(1000, math.ceil(len(items) / batch_size)))
     n_actors = min(n_actors, blocks)
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        SegActor, fn_constructor_kwargs={"payload": ray.put(payload), "device": dev, "amp": amp,
+                                         "predictions": predictions, "threads": 1 if dev == "cpu" else None},
+        compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=batch_size, batch_format="numpy", **resources)
+    ds.context.enable_progress_bars = False  # evaluate's bar counts images
+    return ds.iter_batches(batch_size=None, batch_format="numpy"), n_actors, dev
+
+
+def evaluate(checkpoint: str, samples: list, out: str, *, batch_size: int = 4, actors: int | None = None,
+             device: str = "auto", amp: bool = True, save_predictions: bool = False, title: str = "",
+             source: dict | None = None, in_process_max: int = IN_PROCESS_MAX) -> dict:
+    """Score `checkpoint` on `samples` (datasets.layouts.Sample) and write eval.json, eval.md,
+    confusion.png (and predictions/) under `out`. Returns eval.json's record. Sets of more than
+    `in_process_max` images go through an actor pool, smaller ones are scored here."""
+    from synreal_ray import viz
+
+    payload = read_segmenter(checkpoint)
     t0 = time.time()
     items = [{"id": s.id, "image_uri": s.image_uri, "label_uri": s.label_uri} for s in samples]
     predictions = storage.join(out, "predictions") if save_predictions else None
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        SegActor, fn_constructor_kwargs={"payload": ray.put(payload), "device": dev, "amp": amp,
-                                         "predictions": predictions, "threads": threads},
-        compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=batch_size, batch_format="numpy", **resources)
+    if len(items) <= in_process_max:
+        batches, dev = _score_in_process(payload, items, batch_size, device, amp, predictions)
+        n_actors = 0
+    else:
+        batches, n_actors, dev = _score_with_pool(payload, items, batch_size, actors, device, amp, predictions)
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     n, errors, first, after_first = 0, [], None, 0
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        cm += np.asarray(b["cm"], np.int64).reshape(-1, NUM_CLASSES, NUM_CLASSES).sum(axis=0)
-        n += int(b["images"].sum())
-        errors += [e for part in b["errors"] for e in json.loads(str(part))]
-        if first is None:  # an actor is up: the rate from here on leaves its start-up out (roughly)
-            first = time.time()
-        else:
-            after_first += int(b["images"].sum())
+    with progress_bar(len(items), "seg-eval", "img", log, leave=False) as bar:  # the result line below stays
+        for b in batches:
+            cm += np.asarray(b["cm"], np.int64).reshape(-1, NUM_CLASSES, NUM_CLASSES).sum(axis=0)
+            scored, failed = int(np.sum(b["images"])), [e for part in b["errors"] for e in json.loads(str(part))]
+            n, errors = n + scored, errors + failed
+            bar.update(scored + len(failed))
+            if first is None:  # the model is up: the rate from here on leaves its start-up out (roughly)
+                first = time.time()
+            else:
+                after_first += scored
     if errors:
         raise ValueError(f"{len(errors)} sample(s) could not be scored, e.g. {errors[0]}")
     seconds = time.time() - t0
@@ -953,15 +1015,16 @@ def evaluate(checkpoint: str, samples: list, out: str, *, batch_size: int = 4, a
     record = {**scores(cm), "num_images": n, "checkpoint": checkpoint, "step": payload["step"],
               "model": payload["model_name"], **(source or {}), "ignore": IGNORE,
               "images_per_s": round(n / max(seconds, 1e-9), 2), "steady_images_per_s": steady,
-              "actors": n_actors, "device": dev,
+              "actors": n_actors, "device": dev, "in_process": n_actors == 0,
               "convention": "cityscapesscripts: IoU = tp / (tp + fp + fn) over the set, ground truth 255 ignored, "
                             "classes with tp + fp + fn = 0 are null and left out of the mean"}
     storage.write_json(storage.join(out, "eval.json"), record)
     storage.write_bytes(storage.join(out, "eval.md"), eval_markdown(record, title).encode())
     storage.write_bytes(storage.join(out, "confusion.png"),
                         viz.confusion_matrix(cm, TRAIN_NAMES, title or f"{payload['model_name']}, step {payload['step']}"))
-    log.info("seg-eval: mIoU %s on %d images (%.1f images/s, %d %s actor(s))", record["miou"], n,
-             record["images_per_s"], n_actors, dev)
+    where = f"{n_actors} {dev} actor(s)" if n_actors else f"in this process, {dev}"
+    log.info("%s: mIoU %s%%, pixel accuracy %s%% on %d images (%.1f images/s, %s)", described("seg-eval"),
+             _pct(record["miou"]), _pct(record["pixel_accuracy"]), n, record["images_per_s"], where)
     return record
 
 
@@ -997,8 +1060,11 @@ class SegEvalConfig:
     actors: int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    in_process_max: int = IN_PROCESS_MAX  # sets up to this size are scored without an actor pool (0: never)
 
     def __post_init__(self):
+        if self.in_process_max < 0:
+            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         if self.batch_size < 1:
@@ -1020,6 +1086,7 @@ def run_seg_eval(cfg: SegEvalConfig, force: bool = False) -> dict:
     try:
         record = evaluate(checkpoint, samples, cfg.out, batch_size=cfg.batch_size, actors=cfg.actors,
                           device=cfg.device, amp=cfg.amp, save_predictions=cfg.save_predictions,
+                          in_process_max=cfg.in_process_max,
                           source={"dataset": cfg.dataset, "layout": cfg.layout, "split": cfg.split})
     except BaseException:
         stage.release()

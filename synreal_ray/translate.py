@@ -392,10 +392,8 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
                 first = time.time()
             else:
                 after_first += n
-            if bar is not None:
-                bar.update(n)
-        if bar is not None:
-            bar.close()
+            bar.update(n)
+        bar.close()
         if errors:  # unpublished; what was translated stays journaled for the re-run
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise ValueError(f"{errors[0]}{more}; fix and re-run: the {len(samples) - len(errors)} translated "

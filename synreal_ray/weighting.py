@@ -20,6 +20,7 @@ Output under `out`:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -39,7 +40,10 @@ from synreal_ray.kliep import (
     kernel_column_mean,
     solve_kliep,
 )
-from synreal_ray.stage import Stage
+from synreal_ray.progress import bar as progress_bar
+from synreal_ray.stage import Stage, read_info
+
+log = logging.getLogger(__name__)
 
 # Kernel rows smaller than this are read once and kept in memory; larger ones are streamed from
 # Parquet on every solver pass so that N in the millions never sits on the driver.
@@ -98,7 +102,13 @@ def compute_kernel_rows(features: str, centers: np.ndarray, sigma: float, out: s
     ds = features_dataset(features, columns=("id", "feature"))
     summary = ds.map_batches(_kernel_rows, fn_kwargs={"centers": centers.astype(np.float32), "sigma": sigma, "out": out},
                              batch_format="pyarrow", batch_size=4096)
-    return int(sum(b["rows"].sum() for b in summary.iter_batches(batch_size=None, batch_format="numpy")))
+    summary.context.enable_progress_bars = False  # the bar below counts rows
+    rows = 0
+    with progress_bar(read_info(features)["rows"], "kernel rows", "row", log) as bar:
+        for b in summary.iter_batches(batch_size=None, batch_format="numpy"):
+            rows += int(b["rows"].sum())
+            bar.update(int(b["rows"].sum()))
+    return rows
 
 
 class KernelRows:
@@ -208,3 +218,10 @@ def load_weights(uri: str) -> dict[str, dict[str, float]]:
 def load_models(uri: str) -> dict[str, KliepResult]:
     storage.require_complete(uri, "kliep output")
     return {n: KliepResult.from_dict(d) for n, d in storage.read_json(storage.join(uri, "model.json")).items()}
+
+
+def kliep_summary(rec: dict, out: str) -> str:
+    """One line on a kliep stage record: the kernel widths and the effective sample sizes."""
+    return (f"kliep: sigma w={rec['sigma']['w']:.4g} psi={rec['sigma']['psi']:.4g}; effective sample size "
+            f"{rec['ess_fraction']['w']:.0%} of synthetic, {rec['ess_fraction']['psi']:.0%} of real "
+            f"-> {out} (report.json, histogram.png){' (up to date, skipped)' if rec.get('skipped') else ''}")

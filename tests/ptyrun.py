@@ -1,4 +1,5 @@
-"""Run a command under a real pseudo-terminal and read back what a person would see.
+"""Run a command under a real pseudo-terminal and read back what a person would see
+(`python tests/ptyrun.py synreal demo` prints the final screen and counts its lines).
 
     code, text = run_pty(["synreal", "demo"], cwd=work, env=env, timeout=600)
 
@@ -127,3 +128,12 @@ def screen(raw: str) -> str:
     while text and not text[-1]:
         text.pop()
     return "\n".join(text)
+
+
+if __name__ == "__main__":  # python tests/ptyrun.py synreal demo: the screen at the end, then its size
+    import sys
+
+    started = time.monotonic()
+    code, text = run_pty(sys.argv[1:], timeout=24 * 3600)
+    print(text)
+    print(f"--- exit {code}, {len(text.splitlines())} lines on the screen, {time.monotonic() - started:.0f} s")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -170,6 +171,8 @@ def test_consistency_of_an_identity_translation_is_seg_eval_on_the_raw_synthetic
     import torch
     from PIL import Image
 
+    from synreal_ray.ablation import cohort_confusion, cohorts
+    from synreal_ray.datasets.layouts import list_dataset
     from synreal_ray.pipeline import (
         consistency_picture,
         pipeline_config_from_doc,
@@ -199,6 +202,16 @@ def test_consistency_of_an_identity_translation_is_seg_eval_on_the_raw_synthetic
     for key in ("confusion", "miou", "pixel_accuracy", "iou", "top_confusions"):
         assert raw[key] == same[key], key
     assert len(list(Path(run_paths(cfg, run)["consistency"], "predictions").rglob("*.png"))) == 24
+
+    # The importance cohorts split that evaluation exactly: their matrices, recomputed from the
+    # saved predictions and the synthetic labels, add up to the seg-eval's own.
+    samples, _ = list_dataset(translated_uri(cfg, run), "synscapes")
+    weights = {s.id: float(k % 5) for k, s in enumerate(samples)}
+    groups = cohorts(weights)
+    parts = [cohort_confusion(samples, set(g["ids"]), str(Path(run_paths(cfg, run)["consistency"], "predictions")))
+             for g in groups]
+    assert [len(g["ids"]) for g in groups] == [8, 8, 8] and all(p.sum() > 0 for p in parts)
+    np.testing.assert_array_equal(sum(parts), np.asarray(same["confusion"]))
 
     tables = segmentation_tables(cfg)
     consistency = tables["consistency_miou"]["rows"]

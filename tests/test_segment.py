@@ -267,19 +267,22 @@ def test_segment_survives_a_killed_worker_and_publishes(seg_story):
 
 def test_seg_eval_of_a_byte_identical_copy_is_identical_and_exact(seg_story, demo_data, tmp_path, capsys):
     """The identity check: a translation that changes nothing scores what the raw synthetic set
-    scores (there: the segment run's own `val` scoring, same batch size). Also: the actors'
-    summed matrix equals a plain in-process loop's, and the saved predictions are the model's, as
-    Cityscapes label IDs."""
+    scores (there: the segment run's own `val` scoring, same batch size, done in-process since
+    the set is small; here forced through the actor pool with --in-process-max 0, so the two paths
+    are compared too). Also: the actors' summed matrix equals a plain in-process loop's, and the
+    saved predictions are the model's, as Cityscapes label IDs."""
     copy = tmp_path / "identity"
     shutil.copytree(demo_data / "syn", copy)
     raw = json.loads(Path(seg_story.cfg.out, "val", "eval.json").read_text())
+    assert raw["in_process"] is True and raw["actors"] == 0
     args = ["seg-eval", "--model", seg_story.cfg.out, "--dataset", str(copy), "--layout", "synscapes",
-            "--out", str(tmp_path / "copy"), "--save-predictions"]
+            "--out", str(tmp_path / "copy"), "--save-predictions", "--in-process-max", "0"]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("seg-eval: mIoU ") and str(tmp_path / "copy") in last
     assert main(args) == 0 and capsys.readouterr().out.strip().endswith("(up to date, skipped)")
     same = json.loads((tmp_path / "copy" / "eval.json").read_text())
+    assert same["in_process"] is False and same["actors"] >= 1
     assert raw["num_images"] == same["num_images"] == 24
     for key in ("confusion", "miou", "pixel_accuracy", "iou", "top_confusions", "step"):
         assert raw[key] == same[key], key
