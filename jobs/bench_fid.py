@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         plain = plain_loop(files, weights, args.dims, args.batch_size, device)
         cfg = fid.FidConfig(a=root, b=root, weights=weights_uri, dims=args.dims, cache=os.path.join(tmp, f"cache-{device}"),
-                            batch_size=args.batch_size, actors=args.actors, device=device)
+                            batch_size=args.batch_size, actors=args.actors, device=device, in_process_max=0)  # the pool
         t = time.perf_counter()
         info = fid.set_activations([root], cfg, weights_uri, weights)[0]
         pool = len(files) / (time.perf_counter() - t)

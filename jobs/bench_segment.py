@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     for device in devices:
         plain, cm = plain_loop(ckpt, dataset, args.batch_size, device)
         cfg = SegEvalConfig(model=ckpt, dataset=dataset, layout="synscapes", out=os.path.join(tmp, f"eval-{device}"),
-                            batch_size=args.batch_size, actors=args.actors, device=device)
+                            batch_size=args.batch_size, actors=args.actors, device=device, in_process_max=0)  # the pool
         t = time.perf_counter()
         rec = run_seg_eval(cfg, force=True)
         pool = args.n / (time.perf_counter() - t)

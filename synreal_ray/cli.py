@@ -188,7 +188,8 @@ def _fid(a: argparse.Namespace) -> None:
     from synreal_ray.fid import FidConfig, run_fid
 
     cfg = _config(FidConfig, a=a.a, b=a.b, weights=a.inception_weights, dims=a.dims, size=a.size,
-                  max_images=a.max_images, cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device)
+                  max_images=a.max_images, cache=a.cache, batch_size=a.batch_size, actors=a.actors, device=a.device,
+                  in_process_max=a.in_process_max)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # logged below as one line each
         rec = run_fid(cfg)
@@ -411,6 +412,9 @@ def _args_fid(z: argparse.ArgumentParser) -> None:
                    help="Inception actors (default: one per GPU, else CPUs / 2)")
     z.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_of(FidConfig, "device"),
                    help="actors on GPUs (auto: when present) or CPUs")
+    z.add_argument("--in-process-max", type=int, default=default_of(FidConfig, "in_process_max"),
+                   help="at most this many images to compute: in this process, larger sets by an actor pool "
+                        "(0: always a pool)")
 
 
 def _args_train(tr: argparse.ArgumentParser) -> None:

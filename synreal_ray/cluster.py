@@ -110,6 +110,21 @@ def use_assigned_cpus() -> int:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+# Sets of at most this many images are scored in the calling process instead of an actor pool
+# (seg-eval, FID): a pool's start-up (~15 s on 2 cores) outweighs their compute. 0: always a pool.
+IN_PROCESS_MAX = 100
+
+
+def local_device(device: str, key: str = "device") -> str:
+    """The torch device for work done in this process: cuda when asked or (auto) when this
+    process sees a GPU, else cpu."""
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"{key}: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key} cuda: this process sees no GPU")
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def actor_resources(actors: int | None = None, device: str = "auto", cpus_per_actor: float = 1.0,

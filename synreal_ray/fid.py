@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synreal_ray import hub, storage
-from synreal_ray.cluster import DEVICES, actor_resources
+from synreal_ray.cluster import DEVICES, IN_PROCESS_MAX, actor_resources, local_device
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.progress import bar as progress_bar
 
@@ -467,6 +467,7 @@ class FidConfig:
     actors: int | None = None
     seed: int = 0  # of the --max-images subset
     device: str = "auto"  # of the Inception actors: auto (GPU when the cluster has one), cpu or cuda
+    in_process_max: int = IN_PROCESS_MAX  # at most this many images to compute: in this process, no actor pool
 
     def __post_init__(self):
         if self.dims not in DIMS:
@@ -480,8 +481,29 @@ class FidConfig:
             raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
         if self.seed < 0:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
+        if self.in_process_max < 0:
+            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
         if self.device not in DEVICES:
             raise ConfigError(f"{self.device!r} is not one of {', '.join(DEVICES)}", "device")
+
+
+def _acts_with_pool(todo: list[dict], cfg: FidConfig, size, weights: bytes):
+    """InceptionActor on a Ray Data actor pool over `todo`: (its output batches, the pool size)."""
+    import ray
+
+    from synreal_ray.cluster import init_ray
+
+    init_ray()
+    n_actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
+    blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
+    n_actors = min(n_actors, blocks)  # an actor without a block would only cost its start-up
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    out = ds.map_batches(InceptionActor, fn_constructor_kwargs={"weights": ray.put(weights), "dims": cfg.dims,
+                                                                  "size": size, "device": device},
+                         compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=cfg.batch_size,
+                         batch_format="numpy", **resources)
+    out.context.enable_progress_bars = False  # set_activations' bar counts images
+    return out.iter_batches(batch_size=None, batch_format="numpy"), n_actors
 
 
 def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights: bytes) -> list[dict]:
@@ -509,24 +531,17 @@ def set_activations(roots: list[str], cfg: FidConfig, weights_uri: str, weights:
         sets.append(info)
 
     if todo:
-        import ray
-
-        from synreal_ray.cluster import init_ray
-
-        init_ray()
-        n_actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
         t0 = time.time()
-        blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
-        n_actors = min(n_actors, blocks)  # an actor without a block would only cost its start-up
-        ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        out = ds.map_batches(InceptionActor, fn_constructor_kwargs={"weights": ray.put(weights), "dims": cfg.dims,
-                                                                      "size": size, "device": device},
-                             compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=cfg.batch_size,
-                             batch_format="numpy", **resources)
-        out.context.enable_progress_bars = False  # the bar below counts images
+        if len(todo) <= cfg.in_process_max:  # InceptionActor's work here, batch by batch: no pool to start
+            model = InceptionActor(weights, cfg.dims, size, local_device(cfg.device, "--device"))
+            batches = (model({k: [t[k] for t in todo[i:i + cfg.batch_size]] for k in ("uri", "rel", "entry")})
+                       for i in range(0, len(todo), cfg.batch_size))
+            n_actors = 0
+        else:
+            batches, n_actors = _acts_with_pool(todo, cfg, size, weights)
         bar = progress_bar(len(todo), "fid activations", "img", log)
         done, first, after_first = 0, None, 0
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             n = int(batch["n"].sum())
             done += n
             bar.update(n)

@@ -88,7 +88,7 @@ import numpy as np
 
 from synreal_ray import hub, storage
 from synreal_ray.checkpoints import checkpoint_name, read_meta, read_state, resume_point
-from synreal_ray.cluster import DEVICES, actor_resources
+from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, local_device
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
@@ -109,9 +109,6 @@ from synreal_ray.train import (
 log = logging.getLogger(__name__)
 
 RUN_NAME = "segment"  # Ray Train run name under <out>/ray
-# Sets of at most this many images are scored in the calling process: an actor pool's start-up
-# (~15 s on 2 cores) outweighs their compute (the demo's 32 val images take ~1 s). 0: always a pool.
-IN_PROCESS_MAX = 100
 STATE, META = "state.pt", "meta.json"
 # ImageNet statistics: torchvision's segmentation models (and their backbones) expect them
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -934,21 +931,11 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _local_device(device: str) -> str:
-    import torch
-
-    if device not in DEVICES:
-        raise ValueError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: this process sees no GPU")
-    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-
-
 def _score_in_process(payload: dict, items: list[dict], batch_size: int, device: str, amp: bool,
                       predictions: str | None) -> tuple[Iterable[dict], str]:
     """SegActor's work in this process, batch by batch (no actor pool to start): on CPU with one
     torch thread, as each pool actor has, so a set scores the same either way."""
-    dev = _local_device(device)
+    dev = local_device(device)
     actor = SegActor(payload, device=dev, amp=amp, predictions=predictions)
 
     def results():

@@ -25,6 +25,17 @@ ROWS, COLS = 50, 160
 # What must not reach a user's console without -v (issue 13): Ray's own logs, forwarded worker output.
 RAY_NOISE = ("PlacementGroupCleaner", "Failed to query", "Connecting to existing Ray cluster", "Starting execution",
              "RayDeprecationWarning", "(RayTrainWorker", "(TrainController", "(raylet)", "pid=")
+# Ray's warnings still show (README, Console): the raylet pushes these to every driver connected to
+# the cluster, whatever log_to_driver says; not its logs, so not noise.
+RAY_WARNINGS = ("WARNING: ",)
+
+
+def ray_noise(screen_text: str) -> list[str]:
+    """The lines of a screen that carry Ray's own logs (RAY_NOISE), Ray's pushed warnings left out."""
+    return [line for line in screen_text.splitlines()
+            if any(n in line for n in RAY_NOISE) and not ("(raylet)" in line and any(w in line for w in RAY_WARNINGS))]
+
+
 # CSI (ESC [ params final), OSC (ESC ] ... BEL or ESC \), or a two-character escape
 _ESCAPE = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 

@@ -164,7 +164,7 @@ def check_translation(out: str) -> None:
 def test_fid_survives_a_killed_inception_actor_with_the_same_value(ray_cluster, demo_data, tmp_path, random_inception):
     weights = random_inception
     kw = dict(a=str(demo_data / "syn" / "img" / "rgb"), b=str(demo_data / "real" / "leftImg8bit" / "train"),
-              weights=weights, dims=64, batch_size=2, actors=1)
+              weights=weights, dims=64, batch_size=2, actors=1, in_process_max=0)  # a pool, whose actor is killed
     clean = run_fid(FidConfig(cache=str(tmp_path / "clean"), **kw))["fid"]
     with Killer("InceptionActor", delay=1.0) as k:
         result = {}

@@ -54,7 +54,7 @@ def write_yaml(path, doc) -> str:
 
 
 def test_shipped_configs_are_valid():
-    for name in ("demo.yaml", "synscapes_to_cityscapes.yaml", "gta5_to_cityscapes.yaml"):
+    for name in ("demo.yaml", "ablation.yaml", "synscapes_to_cityscapes.yaml", "gta5_to_cityscapes.yaml"):
         cfg = load_pipeline_config(str(REPO / "configs" / name))
         assert cfg.runs
     from synreal_ray.tune import load_sweep_config
