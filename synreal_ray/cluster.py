@@ -115,6 +115,14 @@ DEVICES = ("auto", "cpu", "cuda")
 IN_PROCESS_MAX = 100
 
 
+def call_in_batches(fn, items: list[dict], batch_size: int):
+    """In this process, what a Ray Data map_batches actor would receive: `fn` on each batch of
+    `items` as columns ({key: [values]}); yields its results."""
+    for k in range(0, len(items), batch_size):
+        part = items[k:k + batch_size]
+        yield fn({key: [it[key] for it in part] for key in part[0]})
+
+
 def local_device(device: str, key: str = "device") -> str:
     """The torch device for work done in this process: cuda when asked or (auto) when this
     process sees a GPU, else cpu."""

@@ -568,11 +568,11 @@ def cohort_rows(cfg: PipelineConfig, run_acts: dict) -> dict | None:
         uri = translated_uri(cfg, run)
         samples, _ = list_dataset(uri, d.syn_layout, d.syn_split)
         root = image_root(uri, d.syn_layout, d.syn_split)
-        predictions = storage.join(run_paths(cfg, run)["consistency"], "predictions")
+        evaluation = run_paths(cfg, run)["consistency"]
         rels, acts = run_acts["runs"][run.name]
         runs.append({"name": run.name, "samples": samples, "rels": rels, "acts": acts,
                      "rel_of": {s.id: storage.relpath(s.image_uri, root) for s in samples},
-                     "predictions": predictions if storage.is_complete(run_paths(cfg, run)["consistency"]) else None})
+                     "predictions": storage.join(evaluation, "predictions") if storage.is_complete(evaluation) else None})
     return cohort_table(runs, load_weights(kliep)["syn"], run_acts["ref"], distance)
 
 

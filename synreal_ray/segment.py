@@ -88,7 +88,7 @@ import numpy as np
 
 from synreal_ray import hub, storage
 from synreal_ray.checkpoints import checkpoint_name, read_meta, read_state, resume_point
-from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, local_device
+from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, local_device
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
@@ -940,9 +940,7 @@ def _score_in_process(payload: dict, items: list[dict], batch_size: int, device:
 
     def results():
         with _torch_threads(1 if dev == "cpu" else None):
-            for k in range(0, len(items), batch_size):
-                part = items[k:k + batch_size]
-                yield actor({key: [it[key] for it in part] for key in ("id", "image_uri", "label_uri")})
+            yield from call_in_batches(actor, items, batch_size)
 
     return results(), dev
 
