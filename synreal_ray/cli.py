@@ -56,7 +56,7 @@ def _pairs(a: argparse.Namespace) -> None:
         raise ValueError("--preview N needs --out-png FILE")
     cfg = _config(PairsConfig, syn=a.syn, real=a.real, out=a.out, weights=a.weights, k=a.k,
                   max_distance=a.max_distance, index=a.index, nprobe=a.nprobe, actors=a.actors, seed=a.seed,
-                  max_uses=a.max_uses, query=a.query)
+                  max_uses=a.max_uses, query=a.query, in_process_max=a.in_process_max)
     rec = run_pairs(cfg, force=a.force)
     report = storage.read_json(storage.join(cfg.out, "report.json"))
     print(quality_markdown(report))
@@ -169,13 +169,14 @@ def _translate(a: argparse.Namespace) -> None:
 
     cfg = _config(TranslateConfig, checkpoint=a.checkpoint, dataset=a.dataset, layout=a.layout, out=a.out,
                   split=a.split, batch_size=a.batch_size, actors=a.actors, amp=not a.no_amp, device=a.device,
-                  scale=a.scale)
+                  scale=a.scale, in_process_max=a.in_process_max)
     rec = run_translate(cfg, force=a.force)
     if rec.get("skipped"):
         print(f"translate: {rec['images']} images already translated in {cfg.out} (up to date, skipped)")
         return
     resumed = f", {rec['resumed_from']} kept from an interrupted run" if rec["resumed_from"] else ""
-    rate = f", {rec['images_per_s']} images/s on {rec['actors']} actor(s)" if rec["images_per_s"] else ""
+    where = f"on {rec['actors']} {rec['device']} actor(s)" if rec["actors"] else f"in this process, {rec['device']}"
+    rate = f", {rec['images_per_s']} images/s {where}" if rec["images_per_s"] else ""
     if rec.get("steady_images_per_s"):
         rate += f" ({rec['steady_images_per_s']} once started)"
     print(f"translate: {rec['translated']} of {rec['images']} images with {rec['checkpoint']} (step {rec['step']})"
@@ -362,6 +363,9 @@ def _args_pairs(q: argparse.ArgumentParser) -> None:
                    help="IVF lists searched per query (default: None, about 1/8 of the IVF lists)")
     q.add_argument("--actors", type=int, default=default_of(PairsConfig, "actors"),
                    help="KNN actors on CPU (with GPUs: one per GPU)")
+    q.add_argument("--in-process-max", type=int, default=default_of(PairsConfig, "in_process_max"),
+                   help="at most this many query images (feature rows): searched in this process, more by an "
+                        "actor pool (0: always a pool)")
     q.add_argument("--seed", type=int, default=default_of(PairsConfig, "seed"), help="random seed")
     q.add_argument("--out", required=True)
     q.add_argument("--preview", type=int, default=0, metavar="N",
@@ -388,6 +392,9 @@ def _args_translate(t: argparse.ArgumentParser) -> None:
     t.add_argument("--scale", choices=["train", "full"], default=default_of(TranslateConfig, "scale"),
                    help="train: resize each image by the factor training did, translate, resize back; "
                         "full: translate at full resolution")
+    t.add_argument("--in-process-max", type=int, default=default_of(TranslateConfig, "in_process_max"),
+                   help="at most this many images to translate: in this process, more by an actor pool "
+                        "(0: always a pool)")
     t.add_argument("--force", action="store_true", help="translate everything again even if up to date")
 
 

@@ -115,12 +115,22 @@ DEVICES = ("auto", "cpu", "cuda")
 IN_PROCESS_MAX = 100
 
 
-def call_in_batches(fn, items: list[dict], batch_size: int):
+def call_in_batches(fn, items: list[dict], batch_size: int, threads: int | None = None):
     """In this process, what a Ray Data map_batches actor would receive: `fn` on each batch of
-    `items` as columns ({key: [values]}); yields its results."""
-    for k in range(0, len(items), batch_size):
-        part = items[k:k + batch_size]
-        yield fn({key: [it[key] for it in part] for key in part[0]})
+    `items` as columns ({key: [values]}); yields its results. `threads`: torch's intra-op threads
+    meanwhile (1 on CPU is what each pool actor has, so the results equal the pool's), restored
+    after; None leaves them alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for k in range(0, len(items), batch_size):
+            part = items[k:k + batch_size]
+            yield fn({key: [it[key] for it in part] for key in part[0]})
+    finally:
+        torch.set_num_threads(before)
 
 
 def local_device(device: str, key: str = "device") -> str:

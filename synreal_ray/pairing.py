@@ -20,7 +20,9 @@ A faiss KNN actor holds the index of the other side's features (a GPU index when
 GPU; with several GPUs, one actor per GPU: the index replicated, the queries sharded); Ray Data
 streams the query features to it in batches. Query "syn": each batch's pairs are written as one
 Parquet part by the actor itself. Query "real": the actors return each batch's candidates, since
-the cap is global, and the driver assigns them (pure numpy) and writes the parts.
+the cap is global, and the driver assigns them (pure numpy) and writes the parts. At most
+`in_process_max` query rows (IN_PROCESS_QUERIES) are searched by the same actor class in the
+calling process instead, with no pool to start: the same pairs.
 
 Output under `out`:
   pairs/part-*.parquet  syn_id, real_id, rank (0..K-1 in the query image's list), distance, w_syn,
@@ -46,7 +48,7 @@ from synreal_ray import storage
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.images import decode_image
 from synreal_ray.datasets.labels import IGNORE, to_train_ids
-from synreal_ray.features import check_compatible, feature_matrix, features_dataset, features_meta, load_features
+from synreal_ray.features import DRIVER_ROWS, check_compatible, feature_matrix, features_dataset, features_meta, load_features
 from synreal_ray.progress import bar as progress_bar
 from synreal_ray.sampler import pairs_query
 from synreal_ray.stage import Stage
@@ -60,6 +62,14 @@ SIDE_NAMES = {"syn": "synthetic", "real": "real"}
 PART_ROWS = 100_000  # rows per Parquet part written by the driver (query real)
 CONCENTRATION_EPOCHS = 10  # sampler epochs drawn for the report's concentration figures
 CONCENTRATION_BATCH = 64
+KNN_BATCH_ROWS = 4096  # query rows per KnnActor call
+# Query sets of at most this many rows are searched in this process, not by an actor pool. Rows,
+# not cluster.IN_PROCESS_MAX's images: a query is one SP-Feat vector, and faiss searches thousands
+# in the time a pool takes to start (~12 s on 2 cores). 20,000 queries against 25,000 vectors
+# (dim 399, Synscapes-sized) took ~7.5 s on one core here, which is also what the pool's single
+# CPU actor would spend; only GPUs or many actors beat that on larger sets. The driver already
+# reads feature sets this size (features.DRIVER_ROWS), so the bound is the same.
+IN_PROCESS_QUERIES = DRIVER_ROWS
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class PairsConfig:
     index: str = "flat"  # or "ivf" (approximate; its recall is measured and reported)
     nprobe: int | None = None
     actors: int = 1  # CPU actors; with GPUs, one actor per GPU instead
+    in_process_max: int = IN_PROCESS_QUERIES  # at most this many query rows: searched in this process, no actor pool
     quality_samples: int = 200  # query images used for the quality report
     seed: int = 0
 
@@ -98,6 +109,8 @@ class PairsConfig:
         for key in ("actors", "quality_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key)
+        if self.in_process_max < 0:
+            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
         if self.seed < 0:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
 
@@ -114,22 +127,32 @@ class PairsConfig:
         return self.k if self.max_uses is None else min(n_indexed, self.candidates or 4 * self.k)
 
 
-class KnnActor:
-    """Ray Data actor: the index built once; per query batch, query syn: one Parquet part of pairs;
-    query real: the batch's candidates (real_id, syn_row, distance), returned for the assignment."""
+def _fetched(box: list):
+    """The one item of `box`: a pool actor gets an object-store reference (in a list, so that Ray
+    passes it on as is) and fetches it; in the driver it is the value itself."""
+    import ray
 
-    def __init__(self, indexed_ref, cfg: PairsConfig, w_query_ref, num_threads: int):
+    return ray.get(box[0]) if isinstance(box[0], ray.ObjectRef) else box[0]
+
+
+class KnnActor:
+    """Ray Data actor (or, for a small query set, called in the driver): the index built once; per
+    query batch, query syn: one Parquet part of pairs; query real: the batch's candidates
+    (real_id, syn_row, distance), returned for the assignment. indexed_ref: [the indexed side's
+    columns]; w_query_ref: [the query side's weights by id, or None]; num_threads: faiss's
+    threads (None: as they are)."""
+
+    def __init__(self, indexed_ref: list, cfg: PairsConfig, w_query_ref: list, num_threads: int | None = None):
         import faiss
-        import ray
 
         from synreal_ray.knn import KnnIndex
 
-        # Ray sets OMP_NUM_THREADS to the actor's CPU count; say it explicitly so faiss agrees.
-        faiss.omp_set_num_threads(max(1, num_threads))
-        side = ray.get(indexed_ref[0])
+        if num_threads:  # Ray sets OMP_NUM_THREADS to the actor's CPU count; say it so faiss agrees
+            faiss.omp_set_num_threads(num_threads)
+        side = _fetched(indexed_ref)
         self.ids, self.images, self.labels, self.w = side["id"], side["image_uri"], side["label_uri"], side["w"]
         self.index = KnnIndex(side["feature"], kind=cfg.index, nprobe=cfg.nprobe)
-        self.w_query = ray.get(w_query_ref[0])
+        self.w_query = _fetched(w_query_ref)
         self.cfg = cfg
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -215,10 +238,38 @@ def real_query_pairs(cfg: PairsConfig, real_id, syn_row, distance, syn: dict, re
     return table, int((~ok).sum())
 
 
-def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
+QUERY_COLUMNS = ("id", "image_uri", "label_uri", "feature")
+
+
+def _search_in_process(cfg: PairsConfig, indexed: dict, w_query: dict | None):
+    """KnnActor's work in this process over the query features, KNN_BATCH_ROWS rows at a time
+    (no actor pool to start): its output batches."""
+    actor = KnnActor([indexed], cfg, [w_query])
+    table = storage.read_table(storage.join(cfg.uri(cfg.query), "features"), columns=list(QUERY_COLUMNS))
+    return (actor(table.slice(s, KNN_BATCH_ROWS)) for s in range(0, table.num_rows, KNN_BATCH_ROWS))
+
+
+def _search_with_pool(cfg: PairsConfig, indexed: dict, w_query: dict | None):
+    """KnnActor on a Ray Data actor pool streaming the query features: (its output batches, the
+    pool size)."""
     import ray
 
     from synreal_ray.cluster import init_ray
+
+    init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors, per_actor = (gpus, {"num_gpus": 1}) if gpus else (cfg.actors, {"num_cpus": 1})
+    ds = features_dataset(cfg.uri(cfg.query), columns=QUERY_COLUMNS)
+    actor_kwargs = {"indexed_ref": [ray.put(indexed)], "cfg": cfg, "w_query_ref": [ray.put(w_query)],
+                    "num_threads": 1 if gpus else per_actor["num_cpus"]}
+    out = ds.map_batches(KnnActor, fn_constructor_kwargs=actor_kwargs,
+                         compute=ray.data.ActorPoolStrategy(size=actors), batch_format="pyarrow",
+                         batch_size=KNN_BATCH_ROWS, **per_actor)
+    out.context.enable_progress_bars = False  # run_pairs' bar counts queries
+    return out.iter_batches(batch_size=None, batch_format="numpy"), actors
+
+
+def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
     from synreal_ray.knn import KnnIndex, measure_recall
     from synreal_ray.weighting import load_weights
 
@@ -243,26 +294,21 @@ def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
     for d, side in sides.items():
         side["w"] = np.ones(len(side["id"])) if weights[d] is None else np.array([weights[d][i] for i in side["id"]])
     inputs = [cfg.syn, cfg.real] + ([cfg.weights] if cfg.weights else [])
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("syn", "real", "out", "weights", "actors")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("syn", "real", "out", "weights", "actors", "in_process_max")}
     stage = Stage("pairs", cfg.out, settings, inputs=inputs)
     if not stage.begin(force):
         return {"skipped": True, **storage.read_json(storage.join(cfg.out, "stage.json"))}
 
-    init_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors, per_actor = (gpus, {"num_gpus": 1}) if gpus else (cfg.actors, {"num_cpus": 1})
-    indexed_ref = ray.put({k: indexed[k] for k in ("id", "image_uri", "label_uri", "feature", "w")})
-    w_ref = ray.put(weights[cfg.query])
-    ds = features_dataset(cfg.uri(cfg.query), columns=("id", "image_uri", "label_uri", "feature"))
-    actor_kwargs = {"indexed_ref": [indexed_ref], "cfg": cfg, "w_query_ref": [w_ref],
-                    "num_threads": 1 if gpus else per_actor["num_cpus"]}
-    out = ds.map_batches(KnnActor, fn_constructor_kwargs=actor_kwargs,
-                         compute=ray.data.ActorPoolStrategy(size=actors), batch_format="pyarrow",
-                         batch_size=4096, **per_actor)
-    out.context.enable_progress_bars = False  # the bar below counts queries
+    n_queries = len(sides[cfg.query]["id"])
+    columns = {k: indexed[k] for k in ("id", "image_uri", "label_uri", "feature", "w")}
+    if n_queries <= cfg.in_process_max:  # a pool's start-up would outweigh the search
+        found, actors = _search_in_process(cfg, columns, weights[cfg.query]), 0
+    else:
+        found, actors = _search_with_pool(cfg, columns, weights[cfg.query])
     batches = []
-    with progress_bar(len(sides[cfg.query]["id"]), "pairs", "query", log) as bar:
-        for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+    with progress_bar(n_queries, "pairs", "query", log) as bar:
+        for b in found:
             batches.append(b)
             bar.update(queries_in(b))
     if cfg.query == "real":
@@ -290,9 +336,10 @@ def run_pairs(cfg: PairsConfig, force: bool = False) -> dict:
         report["ivf_recall_at_k"] = measure_recall(index, indexed["feature"], queries, cfg.k)
     storage.write_json(storage.join(cfg.out, "report.json"), report)
     storage.write_bytes(storage.join(cfg.out, "report.md"), quality_markdown(report).encode())
-    log.info("pairs: %d pairs, query %s, coverage %.1f%% of synthetic images, %d query lists shorter than K",
-             report["pairs"], cfg.query, 100 * report["coverage"], report["short_queries"])
-    return stage.publish(pairs=int(totals["pairs"]), k=cfg.k, query=cfg.query, max_uses=cfg.max_uses,
+    log.info("pairs: %d pairs, query %s, coverage %.1f%% of synthetic images, %d query lists shorter than K "
+             "(searched %s)", report["pairs"], cfg.query, 100 * report["coverage"], report["short_queries"],
+             f"by {actors} actor(s)" if actors else "in this process")
+    return stage.publish(pairs=int(totals["pairs"]), k=cfg.k, query=cfg.query, max_uses=cfg.max_uses, actors=actors,
                          dropped=int(totals["dropped"]), coverage=report["coverage"],
                          syn_features=cfg.syn, real_features=cfg.real, weights=cfg.weights,
                          quality={m: report[m] for m in ("spfeat", "random")})

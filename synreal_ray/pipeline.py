@@ -37,8 +37,10 @@ from PIL import Image
 
 from synreal_ray import storage
 from synreal_ray.ablation import runs_table
+from synreal_ray.cluster import IN_PROCESS_MAX
 from synreal_ray.config import URI, ConfigError, from_dict, parse_yaml, set_dotted, to_dict
 from synreal_ray.datasets.images import decode_image
+from synreal_ray.pairing import IN_PROCESS_QUERIES
 from synreal_ray.progress import scope
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class PairsSection:
     max_uses: int | None = None
     max_distance: float | None = None
     index: Literal["flat", "ivf"] = "flat"
+    in_process_max: int = IN_PROCESS_QUERIES  # query rows searched in the driver, no actor pool (0: always a pool)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def _default_runs() -> tuple[RunSpec, ...]:
 class TranslateSection:
     batch_size: int = 8
     scale: Literal["train", "full"] = "train"
+    in_process_max: int = IN_PROCESS_MAX  # images translated in the driver, no actor pool (0: always a pool)
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,87 @@ keep_checkpoints, out, model). One `TorchTrainer`: `cfg.workers` DDP workers, ea
 CPUs the cluster can spare (torch's threads follow, cluster.use_assigned_cpus), GPUs when asked or
 when the cluster has one per worker; checkpoints under `out/ray/<run name>` (a fixed name, so a
 re-run finds them); Ray Train restarts the group from the newest checkpoint up to `max_failures`
-times; each rank reads its own stream (`streams.for_rank(rank)`, rebuilt at every start of the
-group) in step order; rank 0's steps are drawn on the console (progress.TrainingProgress).
+times; rank 0's steps are drawn on the console (progress.TrainingProgress).
+
+Data: `streams` (a `Streams`) plans each rank's steps from the newest complete checkpoint at every
+start of the group, and each worker reads them in step order with `worker_batches`: from a Ray Data
+stream of its own (`stream`: tasks load a few steps each, ahead of the worker), or, for runs of at
+most IN_WORKER_MAX samples, loaded by the worker itself in a background thread. The batches are the
+same either way (the same loader on the same plan); a small run just skips the stream's start-up.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from synreal_ray import storage
 
 log = logging.getLogger(__name__)
+
+STEPS_PER_TASK = 4  # steps of images one Ray Data task (or one background load) reads: small, so loads run ahead
+LOAD_CPUS = 0.5  # per loading task; fractional so that small machines keep CPUs for the workers
+# Runs of at most this many samples (steps x global batch size) are loaded inside each worker: a
+# Ray Data stream's start-up (~8 s on 2 cores: its tasks' processes and imports) outweighs reading
+# a few hundred small images there. 0: always a stream.
+IN_WORKER_MAX = 1000
+
+
+class Streams:
+    """Each rank's steps from the newest complete checkpoint to the end. Subclasses give `plan`."""
+
+    def plan(self, rank: int) -> tuple[int, Callable[[dict], dict]]:
+        """(steps left, a loader: {"id": local step numbers} -> that rank's rows of those steps, in
+        step order, one row per sample, with a "step" column)."""
+        raise NotImplementedError
+
+    def for_rank(self, rank: int):
+        """The rank's Ray Data stream (Ray Train's controller calls this at every start of the group)."""
+        return stream(*self.plan(rank))
+
+
+def stream(n: int, load: Callable[[dict], dict]):
+    """A Ray Data dataset of `n` steps loaded by `load`, STEPS_PER_TASK steps per task."""
+    import ray.data
+
+    ds = (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
+          .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
+    # No progress bars in the workers' logs: metrics.jsonl and the training bar show progress.
+    ds.context.enable_progress_bars = False
+    ds.context.execution_options.preserve_order = True  # the worker checks that steps come in order
+    return ds
+
+
+def worker_batches(config: dict, rank: int, batch_size: int) -> Iterator[dict]:
+    """Inside a worker: this rank's batches (dicts of tensors, one step each) in step order."""
+    streams: Streams | None = config.get("streams")
+    if streams is None:
+        import ray.train
+
+        return ray.train.get_dataset_shard(f"rank{rank}").iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+    return load_here(*streams.plan(rank), batch_size)
+
+
+def load_here(n: int, load: Callable[[dict], dict], batch_size: int) -> Iterator[dict]:
+    """`n` steps read by `load`, STEPS_PER_TASK at a time, one load ahead in a background thread
+    (decoding releases the GIL, so it overlaps the training step)."""
+    import torch
+
+    chunks = [np.arange(k, min(k + STEPS_PER_TASK, n)) for k in range(0, n, STEPS_PER_TASK)]
+    with ThreadPoolExecutor(1, thread_name_prefix="synreal-load") as pool:
+        ahead = pool.submit(load, {"id": chunks[0]}) if chunks else None
+        for i in range(len(chunks)):
+            rows = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = pool.submit(load, {"id": chunks[i + 1]})
+            for k in range(0, len(rows["step"]), batch_size):
+                yield {name: torch.from_numpy(np.ascontiguousarray(col[k:k + batch_size])) for name, col in rows.items()}
 
 
 def ray_storage(out: str) -> dict:
@@ -29,10 +96,11 @@ def ray_storage(out: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def fit(run_name: str, worker: Callable, loop_config: dict, cfg: Any, streams: Any, start: int,
+def fit(run_name: str, worker: Callable, loop_config: dict, cfg: Any, streams: Streams, start: int,
         keys: tuple[str, ...] | None = None) -> float | None:
     """Train from step `start` to cfg.steps (see the module doc); `loop_config` reaches every
-    worker with "progress" (rank 0's board) added. Returns the images/s of the last report."""
+    worker with "progress" (rank 0's board) and "streams" (for `worker_batches`) added. Returns the
+    images/s of the last report."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -51,19 +119,22 @@ def fit(run_name: str, worker: Callable, loop_config: dict, cfg: Any, streams: A
     plain = start == 0 and cfg.workers == 1 and not use_gpu and bar_drawn(log)
     log.log(logging.DEBUG if plain else logging.INFO, "%s: %s, steps %d..%d on %d worker(s)%s", described(run_name),
             cfg.model, start, cfg.steps, cfg.workers, " (GPU)" if use_gpu else "")
+    in_worker = cfg.steps * cfg.batch_size <= IN_WORKER_MAX
+    log.debug("%s: data %s", run_name, "loaded in the workers" if in_worker else "streamed by Ray Data")
     progress = TrainingProgress(run_name, total=cfg.steps, batch_size=cfg.batch_size, log_every=cfg.log_every,
                                 logger=log, keys=keys)
     with progress as board:  # rank 0 posts its steps there; None when progress is not shown
         trainer = TorchTrainer(
             worker,
-            train_loop_config={**loop_config, "progress": board},
+            train_loop_config={**loop_config, "progress": board, "streams": streams if in_worker else None},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker(cfg.workers)}),
             run_config=RunConfig(
                 name=run_name, **ray_storage(cfg.out),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-            datasets={f"rank{r}": functools.partial(streams.for_rank, r) for r in range(cfg.workers)},
+            datasets=None if in_worker else {f"rank{r}": functools.partial(streams.for_rank, r)
+                                             for r in range(cfg.workers)},
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
         )
         result = trainer.fit()

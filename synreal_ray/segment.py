@@ -29,7 +29,8 @@ batches the uninterrupted run would have. SGD with momentum, poly LR (1 - step/s
 cross-entropy, fp16 autocast + GradScaler where the worker has a GPU.
 
 Ray Train runs it as train.py runs the GANs (the same helpers: checkpoint listing, resume point,
-metrics log, Ray storage): DDP over `workers`, per-rank Ray Data streams rebuilt from the newest
+metrics log, Ray storage): DDP over `workers`, per-rank Ray Data streams (or, for small runs, the
+same steps loaded in the workers: raytrain.IN_WORKER_MAX) rebuilt from the newest
 complete checkpoint at every start of the worker group, so a killed worker (Ray Train's restart,
 `max_failures`) and a killed job (`resume: true`) both continue from the last checkpoint.
 
@@ -70,7 +71,6 @@ A class absent from the ground truth but predicted somewhere therefore scores 0,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
@@ -94,10 +94,9 @@ from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, 
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster, described
 from synreal_ray.progress import bar as progress_bar
+from synreal_ray.raytrain import Streams, fit, worker_batches
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
-    LOAD_CPUS,
-    STEPS_PER_TASK,
     MetricsLog,
     _mean_over_workers,
     _step_seed,
@@ -725,8 +724,7 @@ def _segment_worker(config: dict) -> None:
     recent: deque = deque(maxlen=max(cfg.bn_batches, 1))  # this worker's batches since the last checkpoint
 
     step, t_first = start, None
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // world, prefetch_batches=2):
+    for batch in worker_batches(config, rank, cfg.batch_size // world):
         if not bool((batch["step"] == step).all()):
             raise RuntimeError(f"data stream out of order: expected step {step}, got {batch['step'].tolist()}")
         torch.manual_seed(_step_seed(cfg.seed, step, rank))
@@ -788,17 +786,15 @@ def _segment_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------ driver
 
 
-class _Streams:
-    """The trainer's datasets, rebuilt by Ray Train's controller at every start of the worker
-    group: they start at the newest complete checkpoint (as train.py's)."""
+class _Streams(Streams):
+    """Each rank's steps (raytrain.Streams): its columns of the plan (plan_steps) from the newest
+    complete checkpoint."""
 
     def __init__(self, cfg: SegmentConfig, sources: list[tuple[list, list]]):
         self.cfg, self.sources = cfg, sources
         self._plan: tuple[int, tuple] | None = None
 
-    def for_rank(self, rank: int):
-        import ray.data
-
+    def plan(self, rank: int):
         cfg = self.cfg
         start, _ = resume_point(run_folder(cfg.out))
         if self._plan is None or self._plan[0] != start:  # once per start, not once per rank
@@ -810,12 +806,8 @@ class _Streams:
         rows = {"step": np.arange(start, cfg.steps, dtype=np.int64), "ds": np.ascontiguousarray(ds[:, cols]),
                 "idx": np.ascontiguousarray(idx[:, cols]),
                 "slot": np.broadcast_to(np.arange(rank * b, (rank + 1) * b), (n, b)).copy()}
-        load = functools.partial(load_seg_steps, rows=rows, sources=self.sources, size=cfg.size,
-                                 scale=tuple(cfg.scale), flip=cfg.flip, seed=cfg.seed)
-        data = (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
-                .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
-        data.context.enable_progress_bars = False
-        return data
+        return n, functools.partial(load_seg_steps, rows=rows, sources=self.sources, size=cfg.size,
+                                    scale=tuple(cfg.scale), flip=cfg.flip, seed=cfg.seed)
 
 
 # Settings that may change between a run and its continuation: more steps extend the same run
@@ -832,8 +824,6 @@ def run_segment(cfg: SegmentConfig, force: bool = False, step_hook: Callable | N
 
     step_hook(step=, rank=, model=) runs on every worker after every step (tests kill a worker
     with it); it must be picklable."""
-    from synreal_ray.raytrain import fit
-
     sources = prepare_sources(cfg)
     val_samples = list_samples(cfg.val, cfg.val_layout, cfg.resolved_val_split, "val") if cfg.val else None
     if cfg.backbone_weights:  # a wrong file fails here, with its name, not in every worker
@@ -917,32 +907,13 @@ class SegActor:
         return {"cm": cm.reshape(1, -1), "images": np.array([len(ids)]), "errors": np.array([json.dumps(errors)])}
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """torch's intra-op threads set to `n` inside the block (None: unchanged), restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _score_in_process(payload: dict, items: list[dict], batch_size: int, device: str, amp: bool,
                       predictions: str | None) -> tuple[Iterable[dict], str]:
     """SegActor's work in this process, batch by batch (no actor pool to start): on CPU with one
     torch thread, as each pool actor has, so a set scores the same either way."""
     dev = local_device(device)
     actor = SegActor(payload, device=dev, amp=amp, predictions=predictions)
-
-    def results():
-        with _torch_threads(1 if dev == "cpu" else None):
-            yield from call_in_batches(actor, items, batch_size)
-
-    return results(), dev
+    return call_in_batches(actor, items, batch_size, threads=1 if dev == "cpu" else None), dev
 
 
 def _score_with_pool(payload: dict, items: list[dict], batch_size: int, actors: int | None, device: str, amp: bool,
@@ -1064,7 +1035,8 @@ def run_seg_eval(cfg: SegEvalConfig, force: bool = False) -> dict:
     when an identical published evaluation exists."""
     checkpoint = segmenter_checkpoint(cfg.model)
     samples = list_samples(cfg.dataset, cfg.layout, cfg.split, "dataset")
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "out"}
+    # Where the work runs (a pool of how many actors, or this process) does not change the scores.
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "actors", "in_process_max")}
     stage = Stage("seg-eval", cfg.out, settings, [cfg.model, cfg.dataset])
     if not stage.begin(force):
         return {**storage.read_json(storage.join(cfg.out, "eval.json")), "skipped": True}

@@ -16,6 +16,8 @@ The flow:
               run continues exactly the sequence the uninterrupted run would have drawn.
   Ray Data    `range(steps - S)` -> `map_batches` reads, decodes and resizes the images of a few
               steps per task (uint8), streamed in order into `get_dataset_shard(f"rank{r}")`.
+              A small run (raytrain.IN_WORKER_MAX samples) skips the stream: each worker reads
+              the same steps with the same loader itself, one load ahead (raytrain.load_here).
   workers     load checkpoint S (model, optimisers, schedulers, scaler, sampler) from storage,
               wrap the model with `prepare_model` (DDP), and for every batch: train_step,
               scheduler step, sampler step. Rank 0 reports checkpoints every `checkpoint_every`
@@ -53,7 +55,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import posixpath
 import re
@@ -82,6 +83,7 @@ from synreal_ray.checkpoints import (  # noqa: F401  (checkpoint_name: re-export
 from synreal_ray.config import URI, ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster
+from synreal_ray.raytrain import Streams, fit, worker_batches
 from synreal_ray.sampler import SmartBatchSampler
 from synreal_ray.stage import Stage, read_info
 
@@ -92,8 +94,6 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "train"  # Ray Train run name under <out>/ray: fixed, so that a re-run finds its checkpoints
 PAIRS_COLUMNS = ("syn_id", "real_id", "rank", "distance", "w_syn", "w_real", "syn_image_uri", "real_image_uri")
-STEPS_PER_TASK = 4  # steps of images one Ray Data task loads: small, so several tasks run ahead
-LOAD_CPUS = 0.5  # per loading task; fractional so that small machines keep CPUs for the workers
 FLUSH_SECONDS = 10.0  # metrics.jsonl is rewritten whole (S3 has no append): at most this often
 # torch (and the models) are imported where they are used: the Ray Data tasks that load images
 # import this module, and a new worker process would spend seconds and ~300 MB on torch for nothing.
@@ -552,8 +552,7 @@ def _train_worker(config: dict) -> None:
         grid_real = np.stack([read_training_image(r, cfg.size) for _, r in grid_pairs])
 
     step, t_first = start, None
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    for batch in shard.iter_torch_batches(batch_size=cfg.batch_size // world, prefetch_batches=2):
+    for batch in worker_batches(config, rank, cfg.batch_size // world):
         if not bool((batch["step"] == step).all()):
             raise RuntimeError(f"data stream out of order: expected step {step}, got {batch['step'].tolist()}")
         torch.manual_seed(_step_seed(cfg.seed, step, rank))
@@ -602,31 +601,24 @@ def _train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------ driver
 
 
-class _Streams:
-    """The trainer's datasets, rebuilt by Ray Train's controller at every start of the worker
-    group (each rank's entry is a callable): they start at the newest complete checkpoint."""
+class _Streams(Streams):
+    """Each rank's steps (raytrain.Streams), drawn by the sampler restored from the newest complete
+    checkpoint."""
 
     def __init__(self, cfg: TrainConfig, data: TrainData):
         self.cfg, self.data = cfg, data
         self._rows: tuple[int, list] | None = None
 
-    def for_rank(self, rank: int):
-        import ray.data
-
+    def plan(self, rank: int):
         start, checkpoint = resume_point(run_folder(self.cfg.out))
         if self._rows is None or self._rows[0] != start:  # once per start, not once per rank
             sampler = self.data.sampler(self.cfg)
             if checkpoint is not None:
                 sampler.load_state_dict(read_meta(checkpoint)["sampler"])
             self._rows = (start, step_rows(sampler, self.data, self.cfg.steps, self.cfg.workers))
-        n = self.cfg.steps - start
-        load = functools.partial(load_steps, rows=self._rows[1][rank], syn_uris=self.data.syn_uris,
-                                 real_uris=self.data.real_uris, size=self.cfg.size)
-        ds = (ray.data.range(n, override_num_blocks=max(1, math.ceil(n / STEPS_PER_TASK)))
-              .map_batches(load, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=LOAD_CPUS))
-        # No progress bars in the workers' logs: metrics.jsonl and Ray Train's reports show progress.
-        ds.context.enable_progress_bars = False
-        return ds
+        return self.cfg.steps - start, functools.partial(
+            load_steps, rows=self._rows[1][rank], syn_uris=self.data.syn_uris, real_uris=self.data.real_uris,
+            size=self.cfg.size)
 
 
 # Settings that may change between a run and its continuation: more steps extend the same run.
@@ -645,8 +637,6 @@ def run_train(cfg: TrainConfig, force: bool = False, step_hook: Callable | None 
 
     step_hook(step=, rank=, model=) runs on every worker after every step (tests use it to kill a
     worker); it must be picklable."""
-    from synreal_ray.raytrain import fit
-
     # Ray Train workers run in a folder of their own: relative local paths would land there.
     cfg = dataclasses.replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in ("syn", "real", "pairs", "weights", "out")})
     data = prepare_data(cfg)

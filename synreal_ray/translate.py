@@ -4,7 +4,10 @@ Ray Data lists the dataset's images; an actor pool (one actor per GPU, else CPU 
 synthetic -> real generator once per actor and translates batches (fp16 autocast on GPU). With
 `scale: train` (the default) each image is first resized by the factor training resized it by
 (the generator has only seen that scale), translated, and resized back to its own size; with
-`scale: full` it is translated at its full resolution. Labels are copied untouched either way. The output is a ready training set in the input's layout:
+`scale: full` it is translated at its full resolution. Labels are copied untouched either way.
+At most `in_process_max` images to translate (cluster.IN_PROCESS_MAX) are done by the same actor
+class in the calling process instead, with no pool to start: the same files, journal and manifest.
+The output is a ready training set in the input's layout:
 
   <out>/<same relative image paths>   translated images (same names and format)
   <out>/<same relative label paths>   label maps, copied byte for byte
@@ -36,6 +39,7 @@ import numpy as np
 
 from synreal_ray import storage
 from synreal_ray.checkpoints import META, STATE, is_complete
+from synreal_ray.cluster import IN_PROCESS_MAX, call_in_batches, local_device
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import bar as progress_bar
@@ -218,8 +222,9 @@ def manifest_schema():
 
 
 class Translator:
-    """Ray Data actor: the generator is loaded once; each batch's images and labels are written
-    whole, then the batch's journal part (named after its ids: a retried batch rewrites it)."""
+    """Ray Data actor (or, for a small set, called in the driver): the generator is loaded once;
+    each batch's images and labels are written whole, then the batch's journal part (named after
+    its ids: a retried batch rewrites it)."""
 
     def __init__(self, generator, journal: str, amp: bool = True, device: str = "cpu", scale: str = "train"):
         import ray
@@ -272,6 +277,7 @@ class TranslateConfig:
     amp: bool = True
     device: str = "auto"  # of the generator actors: auto (GPU when the cluster has one), cpu or cuda
     scale: str = "train"  # train: at the scale the generator was trained at, then back to full size; full: as is
+    in_process_max: int = IN_PROCESS_MAX  # at most this many images to translate: in this process, no actor pool
 
     def __post_init__(self):
         if self.scale not in ("train", "full"):
@@ -284,6 +290,8 @@ class TranslateConfig:
             raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{self.device!r} is not one of auto, cpu, cuda", "device")
+        if self.in_process_max < 0:
+            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
 
 
 def _read_journal(out: str):
@@ -330,6 +338,36 @@ def _manifest_from_journal(out: str, samples) -> pa.Table:  # noqa: F821
     return pa.Table.from_pylist(ordered, schema=manifest_schema())
 
 
+def _translate_in_process(generator: dict, todo: list[dict], cfg: TranslateConfig, journal: str):
+    """Translator's work in this process, batch by batch (no actor pool to start): on CPU with one
+    torch thread, as each pool actor has, so the images come out the same either way. Returns
+    (its output batches, the torch device)."""
+    device = local_device(cfg.device, "--device")
+    translator = Translator(generator, journal, cfg.amp, device, cfg.scale)
+    return call_in_batches(translator, todo, cfg.batch_size, threads=1 if device == "cpu" else None), device
+
+
+def _translate_with_pool(generator: dict, todo: list[dict], cfg: TranslateConfig, journal: str):
+    """Translator on a Ray Data actor pool over `todo`: (its output batches, the pool size, the
+    actors' torch device)."""
+    import ray
+
+    from synreal_ray.cluster import actor_resources, init_ray
+
+    init_ray()
+    actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
+    blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
+    actors = min(actors, blocks)  # an actor without a block would only cost its start-up
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    kwargs = {"generator": ray.put(generator), "amp": cfg.amp, "device": device, "journal": journal,
+              "scale": cfg.scale}
+    results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
+                             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
+                             batch_format="numpy", **resources)
+    results.context.enable_progress_bars = False  # run_translate's bar counts images
+    return results.iter_batches(batch_size=None, batch_format="numpy"), actors, device
+
+
 def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
     """Run (or resume, or skip) the stage; returns its stage.json record (+ "skipped")."""
     from synreal_ray.stage import STAGE_JSON, Stage
@@ -361,34 +399,23 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
              "label_out": storage.safe_join(out, storage.relpath(s.label_uri, root))}
             for s in samples if s.id not in done]
     t0 = time.time()
-    actors, first, after_first = 0, None, 0
+    actors, device, first, after_first = 0, None, None, 0
     if todo:
-        import ray
-
-        from synreal_ray.cluster import actor_resources, init_ray
-
-        init_ray()
-        actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
-        blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
-        actors = min(actors, blocks)  # an actor without a block would only cost its start-up
         generator = read_generator(ckpt)
         if cfg.scale == "train" and not generator["image_size"]:
             raise ValueError(f"{ckpt}: its meta.json records no training image_size; translate with scale full")
-        payload = ray.put(generator)
-        ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        kwargs = {"generator": payload, "amp": cfg.amp, "device": device, "journal": storage.join(out, JOURNAL),
-                  "scale": cfg.scale}
-        results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
-                                 compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
-                                 batch_format="numpy", **resources)
-        results.context.enable_progress_bars = False  # the stage's own bar below counts images
+        journal = storage.join(out, JOURNAL)
+        if len(todo) <= cfg.in_process_max:  # a pool's start-up would outweigh the work
+            batches, device = _translate_in_process(generator, todo, cfg, journal)
+        else:
+            batches, actors, device = _translate_with_pool(generator, todo, cfg, journal)
         bar = progress_bar(len(samples), "translate", "img", log, initial=len(done))
         errors = []
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             for e in batch["errors"]:
                 errors.extend(json.loads(e))
             n = int(batch["n"].sum())
-            if first is None:  # an actor is up: the rate from here on leaves start-up out (roughly)
+            if first is None:  # the generator is up: the rate from here on leaves start-up out (roughly)
                 first = time.time()
             else:
                 after_first += n
@@ -403,7 +430,7 @@ def run_translate(cfg: TranslateConfig, force: bool = False) -> dict:
 
     storage.write_parquet(_manifest_from_journal(out, samples), storage.join(out, MANIFEST))
     record = stage.publish(images=len(samples), translated=len(todo), resumed_from=len(done),
-                           removed_temporaries=removed, actors=actors, checkpoint=ckpt,
+                           removed_temporaries=removed, actors=actors, device=device, checkpoint=ckpt,
                            step=_checkpoint_step(ckpt),
                            translate_seconds=round(seconds, 3),
                            images_per_s=round(len(todo) / seconds, 2) if todo and seconds > 0 else None,

@@ -237,7 +237,7 @@ def trial_metric(cfg: PipelineConfig, tcfg: PipelineConfig, metric: str, checkpo
     out = storage.join(tcfg.out, f"{'translated' if whole else 'val-translated'}-{step}")
     run_translate(TranslateConfig(checkpoint=checkpoint, dataset=d.syn if whole else cache_paths(cfg, "1", None)["val"],
                                   layout=d.syn_layout, split=d.syn_split, out=out, batch_size=cfg.translate.batch_size,
-                                  scale=cfg.translate.scale))
+                                  scale=cfg.translate.scale, in_process_max=cfg.translate.in_process_max))
     if metric in ("fid", "kid"):
         weights, _ = inception_weights(cfg)
         ref = image_root(d.real, d.real_layout, real_val_split(cfg) or d.real_split)
@@ -269,7 +269,7 @@ def run_trial(params: dict[str, Any], cfg: PipelineConfig, tune_cfg: TuneSection
     pairs = storage.join(trial_dir, "pairs")
     run_pairs(PairsConfig(syn=cp["syn"], real=cp["real"], weights=cp["kliep"], out=pairs, k=params["k"],
                           max_distance=cfg.pairs.max_distance, index=cfg.pairs.index, query=cfg.pairs.query,
-                          max_uses=cfg.pairs.max_uses))
+                          max_uses=cfg.pairs.max_uses, in_process_max=cfg.pairs.in_process_max))
     run = tcfg.runs[0]
     for step in tune_cfg.milestones:
         # Each milestone continues the same training run from its last checkpoint.

@@ -132,7 +132,8 @@ def test_kliep_survives_a_killed_worker(feats, tmp_path, monkeypatch):
 def test_pairs_survive_a_killed_knn_actor(feats, tmp_path):
     out = str(tmp_path / "pairs")
     with Killer("KnnActor") as k:
-        outcome = survive(lambda: run_pairs(PairsConfig(syn=feats["syn"], real=feats["real"], out=out, k=3)), out)
+        outcome = survive(lambda: run_pairs(PairsConfig(syn=feats["syn"], real=feats["real"], out=out, k=3,
+                                                        in_process_max=0)), out)  # a pool, whose actor is killed
     assert k.killed, "the fault did not happen"
     table = load_pairs(out)
     keys = list(zip(table.column("real_id").to_pylist(), table.column("rank").to_pylist()))
@@ -143,7 +144,7 @@ def test_pairs_survive_a_killed_knn_actor(feats, tmp_path):
 def test_translate_survives_a_killed_generator_actor(ray_cluster, demo_data, run_dir, tmp_path):  # noqa: F811
     out = str(tmp_path / "translated")
     cfg = TranslateConfig(checkpoint=str(run_dir), dataset=str(demo_data / "syn"), layout="synscapes", out=out,
-                          batch_size=2, actors=1)
+                          batch_size=2, actors=1, in_process_max=0)  # a pool, whose actor is killed
     with Killer("Translator", delay=1.0) as k:
         outcome = survive(lambda: run_translate(cfg), out)
     assert k.killed, "the fault did not happen"

@@ -1,5 +1,5 @@
-"""The pairs stage: faiss KNN actor on Ray Data, both directions, the max-uses cap, weights joined,
-quality and coverage report, preview, errors."""
+"""The pairs stage: faiss KNN actor on Ray Data (or, for few queries, in this process), both
+directions, the max-uses cap, weights joined, quality and coverage report, preview, errors."""
 
 import numpy as np
 import pytest
@@ -108,6 +108,20 @@ def test_max_uses_caps_and_replaces_with_the_next_nearest(capped, demo_features)
     assert rep["coverage"] > np.count_nonzero(plain) / 24  # the replacements reach more synthetic images
 
 
+@pytest.mark.parametrize("which, settings", [("pairs", {}), ("capped", {"max_uses": 3, "candidates": 12}),
+                                             ("syn_pairs", {"query": "syn"})])
+def test_in_process_search_gives_the_pools_pairs(which, settings, request, demo_features, weights, tmp_path):
+    """The fixtures' few queries are searched in this process; an actor pool (in_process_max 0)
+    writes the same pairs and report."""
+    here = request.getfixturevalue(which)
+    pool = str(tmp_path / "pool")
+    rec = run_pairs(PairsConfig(syn=demo_features["syn"], real=demo_features["real"], weights=weights, out=pool, k=4,
+                                in_process_max=0, **settings))
+    assert rec["actors"] == 1 and storage.read_json(storage.join(here, "stage.json"))["actors"] == 0
+    assert load_pairs(pool).equals(load_pairs(here))
+    assert storage.read_json(storage.join(pool, "report.json")) == storage.read_json(storage.join(here, "report.json"))
+
+
 @pytest.mark.parametrize("which", ["pairs", "syn_pairs"])
 def test_weights_are_joined(which, request, weights):
     w = load_weights(weights)
@@ -210,8 +224,9 @@ def test_s3(s3_bucket, demo_data):
         feats[domain] = f"{s3_bucket}/f/{domain}"
         run_features(FeaturesConfig(dataset=str(demo_data / domain), layout=layout, out=feats[domain]))
     out = f"{s3_bucket}/pairs"
-    rec = run_pairs(PairsConfig(syn=feats["syn"], real=feats["real"], out=out, k=2))
-    assert rec["pairs"] == 32 and storage.is_complete(out) and load_pairs(out).num_rows == 32  # 16 real x 2
+    # a pool: Ray Data streams the queries from S3 (in this process they are read as the indexed side is)
+    rec = run_pairs(PairsConfig(syn=feats["syn"], real=feats["real"], out=out, k=2, in_process_max=0))
+    assert rec["actors"] == 1 and rec["pairs"] == 32 and storage.is_complete(out) and load_pairs(out).num_rows == 32  # 16 real x 2
 
 
 def test_bad_input(demo_data, demo_features, weights, tmp_path, capsys):
@@ -222,7 +237,8 @@ def test_bad_input(demo_data, demo_features, weights, tmp_path, capsys):
         run_pairs(PairsConfig(syn=demo_features["syn"], real=demo_features["real"], out=str(tmp_path / "o"), k=17,
                               query="syn"))
     for bad, key in ((dict(query="both"), "query"), (dict(query="syn", max_uses=2), "max_uses"),
-                     (dict(max_uses=0), "max_uses"), (dict(k=4, candidates=3), "candidates")):
+                     (dict(max_uses=0), "max_uses"), (dict(k=4, candidates=3), "candidates"),
+                     (dict(in_process_max=-1), "in_process_max")):
         with pytest.raises(ValueError, match=f"^{key}: "):
             from_dict(PairsConfig, dict(syn=demo_features["syn"], real=demo_features["real"], out="o", **bad))
     other = str(tmp_path / "lv")

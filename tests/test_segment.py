@@ -19,13 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from synreal_ray import storage
+from synreal_ray import raytrain, storage
 from synreal_ray.cli import main
 from synreal_ray.config import from_dict
 from synreal_ray.datasets.labels import LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import list_dataset
 from synreal_ray.segment import (
     SegmentConfig,
+    _Streams,
     build_segmenter,
     check_crop,
     confusion_matrix,
@@ -34,6 +35,7 @@ from synreal_ray.segment import (
     load_segmenter,
     plan_steps,
     predict,
+    prepare_sources,
     read_backbone,
     read_sample,
     recalibrate_bn,
@@ -179,6 +181,24 @@ def test_plan_is_a_function_of_the_step_and_follows_the_shares():
     assert sorted(np.bincount(idx[ds == 1], minlength=3).tolist()) == [3, 3, 4]
     tail = plan_steps([5, 3], [3, 1], seed=0, start=6, stop=10)
     assert np.array_equal(tail[0], ds[6:]) and np.array_equal(tail[1], idx[6:])
+
+
+def test_a_small_run_loads_in_its_workers_exactly_the_batches_its_ray_data_stream_gives(demo_data, ray_cluster,
+                                                                                        tmp_path):
+    cfg = from_dict(SegmentConfig, {
+        "train": [{"uri": str(demo_data / "syn"), "layout": "synscapes", "share": 0.5},
+                  {"uri": str(demo_data / "real"), "layout": "cityscapes", "share": 0.5}],
+        "out": str(tmp_path / "out"), "image_size": "32x64", "batch_size": 4, "workers": 2, "steps": 5})
+    streams = _Streams(cfg, prepare_sources(cfg))
+    for rank in range(cfg.workers):
+        here = list(raytrain.load_here(*streams.plan(rank), batch_size=2))
+        streamed = list(streams.for_rank(rank).iter_torch_batches(batch_size=2))
+        assert [b["step"].tolist() for b in here] == [[s, s] for s in range(5)]
+        assert len(streamed) == len(here)
+        for a, b in zip(here, streamed):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 # -- the CLI's bad input: one line ------------------------------------------------------------------

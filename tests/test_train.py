@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from synreal_ray import storage
+from synreal_ray import raytrain, storage
 from synreal_ray.cli import main
 from synreal_ray.config import ConfigError, apply_overrides
 from synreal_ray.datasets.layouts import list_dataset
@@ -28,6 +28,7 @@ from synreal_ray.models import build_model
 from synreal_ray.train import (
     MetricsLog,
     TrainConfig,
+    _Streams,
     check_resumable,
     latest_checkpoint,
     list_checkpoints,
@@ -103,6 +104,22 @@ def test_step_rows_split_each_global_batch_over_workers_and_resume_the_same_sequ
     for r in (0, 1):
         for k in rows[r]:
             np.testing.assert_array_equal(tail[r][k], rows[r][k][4:])
+
+
+def test_a_small_run_loads_in_its_workers_exactly_the_batches_its_ray_data_stream_gives(demo_data, ray_cluster,
+                                                                                        tmp_path):
+    cfg = tiny_config(demo_data, tmp_path / "o", batch_size=4, steps=7, pairs=write_pairs(demo_data, str(tmp_path / "p")))
+    streams = _Streams(cfg, prepare_data(cfg))
+    assert raytrain.IN_WORKER_MAX >= cfg.steps * cfg.batch_size  # this run loads in its workers
+    for rank in range(cfg.workers):
+        here = list(raytrain.load_here(*streams.plan(rank), batch_size=2))
+        streamed = list(streams.for_rank(rank).iter_torch_batches(batch_size=2))
+        assert [b["step"].tolist() for b in here] == [[s, s] for s in range(7)]  # 7 steps: chunks of 4 and 3
+        assert len(streamed) == len(here)
+        for a, b in zip(here, streamed):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_load_steps_reads_and_resizes_the_images_of_each_step_in_order(demo_data):
@@ -274,7 +291,8 @@ def unit_story(demo_data, ray_cluster, tmp_path_factory):
     """One tiny UNIT run (6 steps, 2 workers, checkpoints at 2, 4, 6) through two crashes. Rank 1
     is SIGKILLed after step 3: Ray Train restarts the worker group from checkpoint 2
     (max_failures=1). Killed again after step 5, the run fails: a dead job. `resume` then
-    continues it from checkpoint 4."""
+    continues it from checkpoint 4. The workers read Ray Data streams (a run this small would
+    load in the workers: the segment stage's killed-worker test covers that path)."""
     from ray.train import TrainingFailedError
 
     root = tmp_path_factory.mktemp("unit_story")
@@ -286,6 +304,8 @@ def unit_story(demo_data, ray_cluster, tmp_path_factory):
     killer = Killer(hooks)
     killer.start()
     t, cwd = time.time(), os.getcwd()
+    streams = pytest.MonkeyPatch()
+    streams.setattr(raytrain, "IN_WORKER_MAX", 0)
     try:
         os.chdir(root)
         with pytest.raises(TrainingFailedError):
@@ -296,6 +316,7 @@ def unit_story(demo_data, ray_cluster, tmp_path_factory):
     finally:
         os.chdir(cwd)
         killer.stop.set()
+        streams.undo()
     cfg = apply_overrides(cfg, {"out": str(root / "out")})
     print(f"unit story: {time.time() - t:.1f} s")
     log = [line.split() for line in (hooks / "steps.log").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Stage `translate`: checkpoints, the pure core, layouts, S3, and resuming after a kill."""
+"""Stage `translate`: checkpoints, the pure core, layouts, S3, resuming after a kill, and the
+small-set path (in this process) against the actor pool."""
 
 from __future__ import annotations
 
@@ -190,6 +191,32 @@ def test_translate_local_layouts_and_idempotent(ray_cluster, demo_data, run_dir,
 
 
 @pytest.mark.slow
+def test_in_process_writes_what_the_pool_writes(ray_cluster, demo_data, run_dir, tmp_path):
+    """24 images, under in_process_max: translated in this process; with in_process_max 0 by an
+    actor pool. The same bytes either way: images, labels, manifest (paths relative to each out)."""
+    outs = {}
+    for where, most in (("here", TranslateConfig.in_process_max), ("pool", 0)):
+        outs[where] = str(tmp_path / where)
+        rec = run_translate(TranslateConfig(checkpoint=str(run_dir), dataset=str(demo_data / "syn"), layout="synscapes",
+                                            out=outs[where], batch_size=5, actors=1, in_process_max=most))
+        assert (rec["actors"], rec["device"], rec["translated"]) == ((0 if where == "here" else 1), "cpu", 24)
+        check_output(outs[where], str(demo_data / "syn"), "synscapes")
+
+    def files(out):
+        return {os.path.relpath(u, out): storage.read_bytes(u) for u in storage.list_files(out)
+                if not u.endswith(("stage.json", "_SUCCESS", MANIFEST))}
+
+    def manifest(out):
+        rows = pq.read_table(storage.join(out, MANIFEST)).to_pylist()
+        return [{k: v.replace(out, "<out>") if k in ("output_uri", "label_uri") else v for k, v in r.items()}
+                for r in rows]
+
+    here = files(outs["here"])
+    assert len(here) == 48 and here == files(outs["pool"])  # 24 images and 24 label maps, byte for byte
+    assert manifest(outs["here"]) == manifest(outs["pool"])
+
+
+@pytest.mark.slow
 def test_bad_image_fails_cleanly_then_resumes(ray_cluster, demo_data, run_dir, tmp_path):
     """A corrupt image stops the run unpublished with its name; the other images stay journaled,
     a half-written temporary left by a crash is cleaned, and the re-run translates only the rest."""
@@ -214,9 +241,11 @@ def test_bad_image_fails_cleanly_then_resumes(ray_cluster, demo_data, run_dir, t
 
 
 @pytest.mark.slow
-def test_s3_killed_midway_then_resumed(ray_cluster, demo_data, s3_bucket, s3_server, tmp_path):
+@pytest.mark.parametrize("in_process_max", [0, TranslateConfig.in_process_max], ids=["pool", "in-process"])
+def test_s3_killed_midway_then_resumed(ray_cluster, demo_data, s3_bucket, s3_server, tmp_path, in_process_max):
     """The real CLI on the session's cluster writes to SeaweedFS and is SIGKILLed once some images
-    are journaled; the re-run completes with every image present once and intact."""
+    are journaled (by its actor pool, or by itself for these 24 images); the re-run completes with
+    every image present once and intact."""
     ckpt = f"{s3_bucket}/run/checkpoint_000004"
     save_checkpoint(ckpt, 4, seed=3, config=SLOWER)
     out = f"{s3_bucket}/translated"
@@ -224,7 +253,7 @@ def test_s3_killed_midway_then_resumed(ray_cluster, demo_data, s3_bucket, s3_ser
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     args = [sys.executable, "-m", "synreal_ray.cli", "translate", "--checkpoint", f"{s3_bucket}/run",
             "--dataset", str(demo_data / "syn"), "--layout", "synscapes", "--out", out, "--batch-size", "1",
-            "--actors", "1"]
+            "--actors", "1", "--in-process-max", str(in_process_max)]
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen(args, env=env, cwd=RUN_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
@@ -240,7 +269,8 @@ def test_s3_killed_midway_then_resumed(ray_cluster, demo_data, s3_bucket, s3_ser
 
     time.sleep(1.0)  # let Ray reap the killed driver's actor (it would only rewrite identical bytes)
     rec = run_translate(TranslateConfig(checkpoint=f"{s3_bucket}/run", dataset=str(demo_data / "syn"),
-                                        layout="synscapes", out=out, batch_size=4, actors=1))
+                                        layout="synscapes", out=out, batch_size=4, actors=1,
+                                        in_process_max=in_process_max))
     print(f"killed with {journaled} batch(es) journaled; the re-run kept {rec['resumed_from']} and translated "
           f"{rec['translated']}")
     assert rec["resumed_from"] >= journaled >= 1 and rec["translated"] == rec["images"] - rec["resumed_from"] > 0

@@ -58,7 +58,7 @@ def test_features_on_s3_survive_a_server_restart_mid_write(ray_cluster, demo_dat
 def test_translate_on_s3_survives_a_server_restart_mid_write(ray_cluster, demo_data, run_dir, weed, s3_bucket):  # noqa: F811
     out = f"{s3_bucket}/translated"
     cfg = TranslateConfig(checkpoint=str(run_dir), dataset=str(demo_data / "syn"), layout="synscapes", out=out,
-                          batch_size=2, actors=1)
+                          batch_size=2, actors=1, in_process_max=0)  # the pool's actors write through the restart
     watcher = restart_s3_when(weed, out)
     outcome = survive(lambda: run_translate(cfg), out, recovered=lambda: watcher.join(timeout=150))
     watcher.join(timeout=150)
