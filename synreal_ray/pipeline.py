@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -631,6 +632,48 @@ def segmentation_tables(cfg: PipelineConfig) -> dict[str, dict]:
     return tables
 
 
+def _stage_seconds(name: str, uri: str) -> dict | None:
+    """A time-table row from a published stage's stage.json: its wall seconds (when it ran), and
+    for training the share spent in the steps (steps run x batch size / the steady images/s; the
+    rest is start-up, the first step, checkpoints and the final scoring)."""
+    if not storage.is_complete(uri):
+        return None
+    rec = storage.read_json(storage.join(uri, "stage.json"))
+    steps = None
+    if rec.get("images_per_s") and "steps" in rec:  # train, segment
+        done = rec["steps"] - (rec.get("resumed_from") or 0)
+        steps = round(done * rec["settings"]["batch_size"] / rec["images_per_s"], 1)
+    return {"stage": name, "seconds": round(rec.get("seconds", 0.0), 1), "work": steps}
+
+
+def time_rows(cfg: PipelineConfig, report_seconds: float) -> list[dict]:
+    """Where the pipeline's time went: one row per published stage output (seconds as recorded
+    when it ran: a stage skipped in this invocation keeps its earlier time), then this report
+    (FID/KID activations and the tables, measured now)."""
+    p, sp = paths(cfg), segment_paths(cfg)
+    named = [("features syn", p["syn_features"]), ("features real", p["real_features"]), ("kliep", p["kliep"]),
+             ("pairs", p["pairs"])]
+    for run in cfg.runs:
+        named += [(f"train {run.name}", train_config(cfg, run).out), (f"translate {run.name}", translated_uri(cfg, run))]
+    named += [("segment judge (real train)", sp["judge"]), ("segment raw synthetic", sp["syn_segment"]),
+              ("seg-eval consistency raw synthetic", sp["syn_consistency"])]
+    for run in cfg.runs:
+        rp = run_paths(cfg, run)
+        named += [(f"seg-eval consistency {run.name}", rp["consistency"]), (f"segment downstream {run.name}", rp["segment"])]
+    rows = [r for r in (_stage_seconds(n, u) for n, u in named) if r is not None]
+    return rows + [{"stage": "report: FID/KID activations, tables, pictures", "seconds": round(report_seconds, 1), "work": None}]
+
+
+def time_markdown(rows: list[dict]) -> list[str]:
+    lines = ["### Time (wall seconds per stage)", "",
+             "*as recorded when each stage ran; training: the steps' share (steps × batch / steady images/s), the "
+             "rest being start-up, the first step, checkpoints and the final scoring*", "",
+             "| stage | seconds | of which training steps |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {'–' if r['work'] is None else format(r['work'], '.1f')} |")
+    return lines + [f"| **total** | **{sum(r['seconds'] for r in rows):.1f}** | |", ""]
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -698,6 +741,7 @@ def write_report(cfg: PipelineConfig) -> dict:
     consistency pictures, before_after.png and report.html (report_html: all of it on one page).
     The returned record carries report.md's text ("markdown") and the four tables alone, without
     captions ("summary"), which the command line prints (the rest is in report.md / report.html)."""
+    started = time.perf_counter()
     weights, random_inception = inception_weights(cfg)
     rows, caption, acts = distance_rows(cfg, weights)
     label = "seeded random-weight Inception (not comparable to published FIDs)" if random_inception else "Inception (pytorch-fid weights)"
@@ -752,9 +796,11 @@ def write_report(cfg: PipelineConfig) -> dict:
         md += per_class_markdown(tables["consistency_miou"])
         md += ["Pictures (translated | synthetic labels | the judge's prediction): "
                + ", ".join(f"[{n}]({storage.relpath(p, cfg.out)})" for n, p in pictures.items()), ""]
+    storage.write_bytes(storage.join(cfg.out, "before_after.png"), before_after_grid(cfg))
+    report["time"] = time_rows(cfg, time.perf_counter() - started)
+    md += time_markdown(report["time"])
     storage.write_json(storage.join(cfg.out, "report.json"), report)
     storage.write_bytes(storage.join(cfg.out, "report.md"), ("\n".join(md) + "\n").encode())
-    storage.write_bytes(storage.join(cfg.out, "before_after.png"), before_after_grid(cfg))
     from synreal_ray.report_html import write_html
 
     page = write_html(cfg.out)

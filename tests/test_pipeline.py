@@ -146,6 +146,14 @@ def test_ray_job_submit_on_two_nodes_then_rerun_skips(demo_data, tmp_path, ray_c
     assert list(report["tables"]) == ["fid", "kid"]
     assert "disjoint halves" in (out / "report.md").read_text()
     assert "random-weight" in report["inception"]  # no real Inception weights here: labelled, never silent
+    # where the time went: every published stage's recorded seconds, training split into its steps
+    times = {r["stage"]: r for r in report["time"]}
+    train = json.loads((out / "runs" / "unit-method" / "train" / "stage.json").read_text())
+    assert times["train unit-method"]["seconds"] == round(train["seconds"], 1)
+    assert 0 < times["train unit-method"]["work"] < times["train unit-method"]["seconds"]
+    assert {"features syn", "features real", "kliep", "pairs", "translate unit-method"} <= times.keys()
+    assert report["time"][-1]["stage"].startswith("report") and report["time"][-1]["seconds"] > 0
+    assert "### Time (wall seconds per stage)" in (out / "report.md").read_text()
     assert (out / "before_after.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3  # the page, images embedded
     for run in ("unit-method",):
