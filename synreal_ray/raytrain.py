@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from synreal_ray import storage
+from synreal_ray.checkpoints import checkpoint_name
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,21 @@ def worker_batches(config: dict, rank: int, batch_size: int) -> Iterator[dict]:
 
         return ray.train.get_dataset_shard(f"rank{rank}").iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
     return load_here(*streams.plan(rank), batch_size)
+
+
+def report_checkpoint(metrics: dict, step: int, write: Callable[[str], None] | None = None) -> None:
+    """Inside a worker, at a checkpoint step: rank 0 passes `write`, which fills a folder with the
+    checkpoint, uploaded with its report; the other ranks report the metrics alone. Reports to Ray
+    Train (about a second each on a small machine) come with checkpoints only: the steps between
+    go to metrics.jsonl alone."""
+    import ray.train
+
+    if write is None:
+        ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+        return
+    with tempfile.TemporaryDirectory() as d:
+        write(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=checkpoint_name(step))
 
 
 def load_here(n: int, load: Callable[[dict], dict], batch_size: int) -> Iterator[dict]:

@@ -77,7 +77,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -87,14 +86,14 @@ from typing import Any, Literal
 import numpy as np
 
 from synreal_ray import hub, storage
-from synreal_ray.checkpoints import checkpoint_name, read_meta, read_state, resume_point
+from synreal_ray.checkpoints import read_meta, read_state, resume_point
 from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, local_device
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster, described
 from synreal_ray.progress import bar as progress_bar
-from synreal_ray.raytrain import Streams, fit, worker_batches
+from synreal_ray.raytrain import Streams, fit, report_checkpoint, worker_batches
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
     MetricsLog,
@@ -687,7 +686,6 @@ def _segment_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from ray.train import Checkpoint
 
     from synreal_ray import viz
     from synreal_ray.cluster import use_assigned_cpus
@@ -762,7 +760,7 @@ def _segment_worker(config: dict) -> None:
                 metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
             if rank == 0:
                 metrics_log.add(metrics)
-            if save:  # reports to Ray Train come with checkpoints only (see train.py)
+            if save:  # reports to Ray Train come with checkpoints only (raytrain.report_checkpoint)
                 bn = recalibrate_bn(bare, (to_input(b.to(device)) for b in recent)) if cfg.bn_batches else 0
                 recent.clear()
                 _average_batchnorms(bare, world)
@@ -771,12 +769,10 @@ def _segment_worker(config: dict) -> None:
                     storage.write_bytes(storage.join(cfg.out, "loss_curve.png"), viz.loss_curves(
                         {cfg.model: metrics_log.records}, keys=("loss", "pixel_accuracy"),
                         titles={"loss": "cross-entropy loss", "pixel_accuracy": "pixel accuracy (training crops)"}))
-                    with tempfile.TemporaryDirectory() as d:
-                        save_checkpoint(d, cfg=cfg, step=step, model=bare, opt=opt, sched=sched, scaler=scaler, bn=bn)
-                        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                                         checkpoint_dir_name=checkpoint_name(step))
+                    report_checkpoint(metrics, step, functools.partial(
+                        save_checkpoint, cfg=cfg, step=step, model=bare, opt=opt, sched=sched, scaler=scaler, bn=bn))
                 else:
-                    ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+                    report_checkpoint(metrics, step)
         if hook is not None:
             hook(step=step, rank=rank, model=model)
     if step != cfg.steps:

@@ -58,7 +58,6 @@ import logging
 import os
 import posixpath
 import re
-import tempfile
 import time
 import typing
 from collections.abc import Callable
@@ -83,7 +82,7 @@ from synreal_ray.checkpoints import (  # noqa: F401  (checkpoint_name: re-export
 from synreal_ray.config import URI, ConfigError, convert, from_dict, to_dict
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster
-from synreal_ray.raytrain import Streams, fit, worker_batches
+from synreal_ray.raytrain import Streams, fit, report_checkpoint, worker_batches
 from synreal_ray.sampler import SmartBatchSampler
 from synreal_ray.stage import Stage, read_info
 
@@ -503,7 +502,6 @@ def _train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from ray.train import Checkpoint
 
     from synreal_ray import viz
     from synreal_ray.cluster import use_assigned_cpus
@@ -578,20 +576,16 @@ def _train_worker(config: dict) -> None:
                 metrics["images_per_s"] = (step - start - 1) * cfg.batch_size / (time.perf_counter() - t_first)
             if rank == 0:
                 metrics_log.add(metrics)
-        # Reports to Ray Train (about a second each on a small machine) come with checkpoints only;
-        # the steps between go to metrics.jsonl alone.
         if save:
             if rank == 0:
                 metrics_log.flush(force=True)  # metrics up to this step exist before the checkpoint does
                 storage.write_bytes(storage.join(cfg.out, "loss_curves.png"),
                                     viz.loss_curves({cfg.model: metrics_log.records}))
-                with tempfile.TemporaryDirectory() as d:
-                    save_checkpoint(d, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
-                                    scaler=scaler)
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=checkpoint_name(step))
+                report_checkpoint(metrics, step, functools.partial(
+                    save_checkpoint, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
+                    scaler=scaler))
             else:
-                ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+                report_checkpoint(metrics, step)
         if hook is not None:
             hook(step=step, rank=rank, model=model)
     if step != cfg.steps:
