@@ -133,6 +133,15 @@ def call_in_batches(fn, items: list[dict], batch_size: int, threads: int | None 
         torch.set_num_threads(before)
 
 
+def items_dataset(items: list[dict], batch_size: int, actors: int):
+    """(a Ray Data dataset of `items` with one block per batch, at most 1000; the pool size cut to
+    the blocks: an actor without a block would only cost its start-up)."""
+    import ray.data
+
+    blocks = max(1, min(1000, -(-len(items) // batch_size)))
+    return ray.data.from_items(items, override_num_blocks=blocks), min(actors, blocks)
+
+
 def local_device(device: str, key: str = "device") -> str:
     """The torch device for work done in this process: cuda when asked or (auto) when this
     process sees a GPU, else cpu."""

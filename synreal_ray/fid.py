@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synreal_ray import hub, storage
-from synreal_ray.cluster import DEVICES, IN_PROCESS_MAX, actor_resources, call_in_batches, local_device
+from synreal_ray.cluster import DEVICES, IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.progress import bar as progress_bar
 
@@ -495,9 +495,7 @@ def _acts_with_pool(todo: list[dict], cfg: FidConfig, size, weights: bytes):
 
     init_ray()
     n_actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
-    blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
-    n_actors = min(n_actors, blocks)  # an actor without a block would only cost its start-up
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    ds, n_actors = items_dataset(todo, cfg.batch_size, n_actors)
     out = ds.map_batches(InceptionActor, fn_constructor_kwargs={"weights": ray.put(weights), "dims": cfg.dims,
                                                                   "size": size, "device": device},
                          compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=cfg.batch_size,

@@ -87,7 +87,7 @@ import numpy as np
 
 from synreal_ray import hub, storage
 from synreal_ray.checkpoints import read_meta, read_state, resume_point
-from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, local_device
+from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
@@ -921,9 +921,8 @@ def _score_with_pool(payload: dict, items: list[dict], batch_size: int, actors: 
 
     init_ray()
     n_actors, resources, dev = actor_resources(actors, device, cpus_per_actor=0.5)
-    blocks = max(1, min(1000, math.ceil(len(items) / batch_size)))
-    n_actors = min(n_actors, blocks)
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    ds, n_actors = items_dataset(items, batch_size, n_actors)
+    ds = ds.map_batches(
         SegActor, fn_constructor_kwargs={"payload": ray.put(payload), "device": dev, "amp": amp,
                                          "predictions": predictions, "threads": 1 if dev == "cpu" else None},
         compute=ray.data.ActorPoolStrategy(size=n_actors), batch_size=batch_size, batch_format="numpy", **resources)

@@ -39,7 +39,7 @@ import numpy as np
 
 from synreal_ray import storage
 from synreal_ray.checkpoints import META, STATE, is_complete
-from synreal_ray.cluster import IN_PROCESS_MAX, call_in_batches, local_device
+from synreal_ray.cluster import IN_PROCESS_MAX, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import bar as progress_bar
@@ -356,9 +356,7 @@ def _translate_with_pool(generator: dict, todo: list[dict], cfg: TranslateConfig
 
     init_ray()
     actors, resources, device = actor_resources(cfg.actors, cfg.device, key="--device")
-    blocks = max(1, min(1000, -(-len(todo) // cfg.batch_size)))  # one block per batch
-    actors = min(actors, blocks)  # an actor without a block would only cost its start-up
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    ds, actors = items_dataset(todo, cfg.batch_size, actors)
     kwargs = {"generator": ray.put(generator), "amp": cfg.amp, "device": device, "journal": journal,
               "scale": cfg.scale}
     results = ds.map_batches(Translator, fn_constructor_kwargs=kwargs,
