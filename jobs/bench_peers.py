@@ -18,7 +18,9 @@ A, B, A, B, ... `--repeats` times, and reports the medians and the ratio synreal
              (`--plain train`) at the torch thread count the Ray Train worker gets
              (cluster.use_assigned_cpus: min(its CPUs, the machine's cores)). Whole command, and
              steady time per iteration (images/s after the first step: stage.json's
-             `images_per_s` against the plain loop's, measured the same way).
+             `images_per_s` against the plain loop's, measured the same way). And Ray Train's
+             floor (`--plain ray-floor`): Ray started as synreal starts it and one TorchTrainer
+             fit whose worker only imports torch: what any `synreal train` pays before its work.
   translate  `synreal translate` (default `--scale train`) against a plain loop in a subprocess
              (`--plain translate`): read, decode, translate at the training scale and back
              (translate.translate_images), encode PNG, write, copy the label; one torch thread,
@@ -81,6 +83,26 @@ def plain_train(config: str, steps: int, threads: int) -> dict:
     return {"images_per_s": plain_loop(cfg, torch.device("cpu")), "threads": torch.get_num_threads()}
 
 
+def plain_ray_train_floor(threads: int) -> dict:
+    """The least a `synreal train` can cost here: start Ray as synreal does (cluster.init_ray) and
+    fit Ray Train's TorchTrainer once, one worker with the CPUs synreal's gets, whose loop imports
+    torch and sets its threads, then returns."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from synreal_ray.cluster import cpus_per_worker, init_ray
+
+    def loop(config: dict) -> None:
+        import torch
+
+        torch.set_num_threads(config["threads"])
+
+    init_ray()
+    TorchTrainer(loop, train_loop_config={"threads": threads},
+                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus_per_worker(1)})).fit()
+    return {"threads": threads}
+
+
 def plain_translate(checkpoint: str, dataset: str, out: str, batch_size: int, threads: int) -> dict:
     """What `synreal translate --scale train` does to each image, in one process, no Ray, no journal."""
     import torch
@@ -106,6 +128,8 @@ def plain_translate(checkpoint: str, dataset: str, out: str, batch_size: int, th
 def run_plain(args: argparse.Namespace) -> None:
     if args.plain == "train":
         result = plain_train(args.config, args.steps, args.threads)
+    elif args.plain == "ray-floor":
+        result = plain_ray_train_floor(args.threads)
     else:
         result = plain_translate(args.checkpoint, args.dataset, args.out, TRANSLATE_BATCH, args.threads)
     print(json.dumps(result))  # the last line: the parent reads it
@@ -255,7 +279,7 @@ def bench_fid(run: Runner, d: dict, root: Path, repeats: int) -> list[tuple]:
 
 
 def bench_train(run: Runner, d: dict, root: Path, repeats: int, steps: int, threads: int) -> list[tuple]:
-    whole, plain_whole, ips, plain_ips = [], [], [], []
+    whole, plain_whole, ips, plain_ips, floor = [], [], [], [], []
     for i in range(repeats):
         out = root / f"train-{i}"
         secs, _ = run.time("synreal train", run.synreal + ["train", "--config", str(d["config"]), "--steps", str(steps),
@@ -266,10 +290,15 @@ def bench_train(run: Runner, d: dict, root: Path, repeats: int, steps: int, thre
                                                               "--threads", str(threads)))
         plain_whole.append(secs)
         plain_ips.append(last_json(stdout)["images_per_s"])
+        secs, _ = run.time("Ray Train floor", run.plain("ray-floor", "--threads", str(threads)))
+        floor.append(secs)
     per_it = [BATCH / r for r in ips]
     plain_per_it = [BATCH / r for r in plain_ips]
     return [(f"train {steps} iterations, whole command (plain loop at {threads} torch threads)", seconds(whole),
              seconds(plain_whole), ratio(whole, plain_whole), TARGETS["train_whole"]),
+            ("Ray Train's floor: Ray started as synreal does, one TorchTrainer.fit whose one worker imports torch "
+             "and returns, whole command (against the same plain loop)", seconds(floor), seconds(plain_whole),
+             ratio(floor, plain_whole), None),
             (f"train steady, per iteration (batch {BATCH}, after the first step)", f"{statistics.median(per_it):.3f} s",
              f"{statistics.median(plain_per_it):.3f} s", ratio(per_it, plain_per_it), TARGETS["train_steady"])]
 
@@ -321,7 +350,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads of the plain train loop (default: what synreal's Ray Train worker gets here)")
     p.add_argument("--inception-weights", default=None, help="a local pytorch-fid weights file (default: the user's cache, else random)")
     internal = p.add_argument_group("plain-loop mode (this script runs itself so; not for direct use)")
-    internal.add_argument("--plain", choices=["train", "translate"], default=None)
+    internal.add_argument("--plain", choices=["train", "ray-floor", "translate"], default=None)
     internal.add_argument("--config", help="train: the YAML `synreal train` gets")
     internal.add_argument("--checkpoint", help="translate: a checkpoint folder")
     internal.add_argument("--dataset", help="translate: a synscapes-layout dataset")

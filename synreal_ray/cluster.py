@@ -10,6 +10,21 @@ import warnings
 # Ray's own console output (set by the command line: `synreal -v` shows it all). None: Ray's defaults.
 _ray_console: bool | None = None
 
+# Settings of the local Ray this module starts (a cluster's are its operator's). Every process of
+# a Ray session costs CPU: to start (~2-4 s on 2 cores: Python, Ray, its module) and while idle
+# (~1 % of a core: each worker process wakes every 10 ms). Ray Train starts these two per fit for
+# what a local machine does not have. A user's own environment wins (setdefault).
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an actor watching for node preemption
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # metrics for the dashboard, which a local Ray here does not start
+}
+
+
+def set_local_ray_env(environ) -> None:
+    """LOCAL_RAY_ENV into `environ` (os.environ), where the user has not set the key."""
+    for key, value in LOCAL_RAY_ENV.items():
+        environ.setdefault(key, value)
+
 
 def set_ray_console(verbose: bool) -> None:
     """verbose False: Ray's own logs go to its log files (the session's `logs/` folder) only;
@@ -75,6 +90,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # At least 4 logical CPUs: with num_cpus=2 on a 2-core machine, a trainer or an actor pool
     # takes every CPU and the read tasks feeding it never get scheduled (a silent deadlock).
     cpus = num_cpus or max(4, machine_cores())
+    set_local_ray_env(os.environ)  # before the start: Ray's processes inherit it
     ray.init(num_cpus=cpus, include_dashboard=False, **console)
 
 

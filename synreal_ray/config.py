@@ -47,6 +47,21 @@ URI = Annotated[str, _URI_MARK]
 """A config field holding a local path or an `s3://` URI; `convert` makes local paths absolute."""
 
 
+def check_pool_keys(cfg: Any) -> None:
+    """The keys of the stages that run a dataset through an actor pool (translate, seg-eval):
+    `layout`, `batch_size`, `actors` and `in_process_max`."""
+    from synreal_ray.datasets.layouts import LAYOUTS
+
+    if cfg.layout not in LAYOUTS:
+        raise ConfigError(f"{cfg.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"must be >= 1, got {cfg.batch_size}", "batch_size")
+    if cfg.actors is not None and cfg.actors < 1:
+        raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {cfg.actors}", "actors")
+    if cfg.in_process_max < 0:
+        raise ConfigError(f"must be >= 0, got {cfg.in_process_max}", "in_process_max")
+
+
 def absolute_uri(value: str, where: str | None = None) -> str:
     """A local path made absolute (against the current working directory, `~` expanded); a URI
     with a scheme (`s3://...`) is returned as it is (the storage layer rejects unknown schemes)."""

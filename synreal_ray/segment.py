@@ -88,7 +88,7 @@ import numpy as np
 from synreal_ray import hub, storage
 from synreal_ray.checkpoints import read_meta, read_state, resume_point
 from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
-from synreal_ray.config import URI, ConfigError, from_dict, to_dict
+from synreal_ray.config import URI, ConfigError, check_pool_keys, from_dict, to_dict
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster, described
@@ -1014,14 +1014,7 @@ class SegEvalConfig:
     in_process_max: int = IN_PROCESS_MAX  # sets up to this size are scored without an actor pool (0: never)
 
     def __post_init__(self):
-        if self.in_process_max < 0:
-            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
-        if self.batch_size < 1:
-            raise ConfigError(f"must be >= 1, got {self.batch_size}", "batch_size")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
+        check_pool_keys(self)
 
 
 def run_seg_eval(cfg: SegEvalConfig, force: bool = False) -> dict:

@@ -275,3 +275,21 @@ def test_cli_train_with_a_too_small_image_size_fails_at_config_time_in_one_line(
                         "multiple of 4 (dis_scales=3: the coarsest discriminator scale, side / 4, must be >= 16 "
                         "pixels for dis_layers=4)\n")
     assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("stage", ["translate", "seg-eval"])
+@pytest.mark.parametrize("key, value, message", [
+    ("layout", "kitti", "layout: 'kitti' is not one of "),
+    ("batch_size", 0, "batch_size: must be >= 1, got 0"),
+    ("actors", 0, "actors: must be >= 1 or null"),
+    ("in_process_max", -1, "in_process_max: must be >= 0, got -1"),
+])
+def test_actor_pool_stages_check_their_shared_keys_alike(stage, key, value, message):
+    from synreal_ray.segment import SegEvalConfig
+    from synreal_ray.translate import TranslateConfig
+
+    cls, first = (TranslateConfig, "checkpoint") if stage == "translate" else (SegEvalConfig, "model")
+    data = {first: "/m", "dataset": "/d", "layout": "synscapes", "out": "/o", key: value}
+    with pytest.raises(ConfigError) as e:
+        from_dict(cls, data, stage)
+    assert message in str(e.value)

@@ -301,6 +301,22 @@ def test_image_pool_keeps_each_image_with_its_weight():
     assert torch.equal(off.query(imgs, w)[1], w) and len(off) == 0
 
 
+def test_cyclegan_without_a_pool_seed_repeats_under_the_same_torch_seed():
+    # The pools' choices follow torch's seed (the run's), so two runs of one config train alike;
+    # a different seed draws different choices.
+    def pooled_weights(seed: int) -> list[float]:
+        model = tiny("cyclegan", seed=seed, pool_size=2, pool_seed=None)
+        opts = model.make_optimizers()
+        for step in range(6):
+            torch.manual_seed(step)  # as the training loop does at every step
+            model.train_step(images(2, step), images(2, 10 + step), torch.tensor([step, 0.5]),
+                             torch.tensor([1.0, 2.0 + step]), opts)
+        return [float(w) for w in model.pools["real"].weights] + [model.pools["real"].rng.random()]
+
+    assert pooled_weights(0) == pooled_weights(0)
+    assert pooled_weights(0)[-1] != pooled_weights(1)[-1]
+
+
 def test_cyclegan_train_step_sends_pooled_fakes_with_their_weights():
     model = tiny("cyclegan", pool_size=2)
     opts = model.make_optimizers()

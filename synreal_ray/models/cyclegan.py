@@ -12,6 +12,7 @@ code (junyanz/pytorch-CycleGAN-and-pix2pix):
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .base import Fakes, TranslationModel, constructor_args
@@ -69,8 +70,9 @@ class CycleGAN(TranslationModel):
         pool_seed: int | None = None,
     ):
         """dis_layers: stride-2 layers of the PatchGAN (3: 70x70 patches). idt_w: identity loss
-        weight as a fraction of cyc_w (0 turns the identity loss off). Image sides: see
-        `image_size_rule`."""
+        weight as a fraction of cyc_w (0 turns the identity loss off). pool_seed: the image pools'
+        choices; None draws it from torch's generator, so a run seeded with torch.manual_seed
+        repeats itself. Image sides: see `image_size_rule`."""
         self.check_options(**constructor_args(locals()))
         super().__init__()
         self.cyc_w, self.idt_w = cyc_w, idt_w
@@ -83,8 +85,9 @@ class CycleGAN(TranslationModel):
         )
         init_weights(self, "normal")
         # Pools of fakes per domain; each worker keeps its own, not checkpointed (see ImagePool).
-        seeds = (None, None) if pool_seed is None else (pool_seed, pool_seed + 1)
-        self.pools = {k: ImagePool(pool_size, s) for k, s in zip(("syn", "real"), seeds)}
+        if pool_seed is None:
+            pool_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.pools = {k: ImagePool(pool_size, s) for k, s in zip(("syn", "real"), (pool_seed, pool_seed + 1))}
 
     def gen_losses(self, x_syn: Tensor, x_real: Tensor, w_syn: Tensor, w_real: Tensor) -> tuple[dict[str, Tensor], Fakes]:
         g_s2r, g_r2s = self._g("s2r"), self._g("r2s")
