@@ -1,6 +1,7 @@
 """Benchmark: who gets the CPU while `synreal train` trains, process by process.
 
   python jobs/bench_cpu_share.py [--steps 60]
+  python jobs/bench_cpu_share.py --idle-tax [--actors 8] [--repeats 2]
 
 Runs one `synreal train` as jobs/bench_peers.py does (CycleGAN, 16 base channels, 6 residual
 blocks, 64x128, batch 4, 1 worker, demo data, a local Ray of its own in a temporary folder) and
@@ -10,6 +11,12 @@ seconds in that window, the Ray Train worker's share of them, and each other pro
 CPU meanwhile (Ray's daemons, Ray Train's actors, synreal's progress board). What the others take
 is what a training step loses against the plain loop of jobs/bench_peers.py, which has the
 machine to itself. Linux only.
+
+--idle-tax measures that loss without Ray Train: the plain loop of jobs/bench_peers.py (20
+iterations, 2 torch threads) alone, then beside a local Ray holding `--actors` idle actors (about
+as many Python processes as a Ray Train fit keeps alive), then the same at nice 15 (the priority
+Ray gives its worker processes), interleaved `--repeats` times; prints the steady seconds per
+iteration of each and the ratios to the loop alone.
 """
 
 from __future__ import annotations
@@ -61,9 +68,55 @@ def last_step(metrics: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def idle_tax(root: Path, config: Path, actors: int, repeats: int) -> None:
+    """The plain loop alone, beside an idle local Ray with `actors` idle actors, and so at nice 15."""
+    import statistics
+
+    import ray
+
+    env = child_env(root)
+    runner = Runner(env, root)
+    plain = runner.plain("train", "--config", str(config), "--steps", "20", "--threads", "2")
+
+    def per_iteration(nice: int) -> float:
+        done = subprocess.run(["nice", "-n", str(nice), *plain], env=env, cwd=root, capture_output=True, text=True, check=True)
+        return 4 / json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"]  # batch 4
+
+    os.environ.update({k: env[k] for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")})
+    times = {"alone": [], "beside an idle Ray": [], "beside an idle Ray, at nice 15": []}
+    for _ in range(repeats):
+        times["alone"].append(per_iteration(0))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        try:
+            idle = [ray.remote(num_cpus=0)(Idle).remote() for _ in range(actors)]
+            ray.get([a.ready.remote() for a in idle])
+            time.sleep(3)  # past their start-up
+            times["beside an idle Ray"].append(per_iteration(0))
+            times["beside an idle Ray, at nice 15"].append(per_iteration(15))
+        finally:
+            ray.shutdown()
+    alone = statistics.median(times["alone"])
+    print(f"\nplain loop, 20 iterations at 2 torch threads; idle Ray: {actors} idle actors; medians of {repeats}\n")
+    print("| plain loop | seconds per iteration | vs alone |")
+    print("|---|---|---|")
+    for what, values in times.items():
+        print(f"| {what} | {statistics.median(values):.3f} ({', '.join(f'{v:.3f}' for v in values)}) | "
+              f"{statistics.median(values) / alone:.2f}x |")
+
+
+class Idle:
+    """An actor that does nothing: what an idle Ray worker process costs."""
+
+    def ready(self) -> bool:
+        return True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="training steps (the window is steps 10 .. steps-15)")
+    p.add_argument("--idle-tax", action="store_true", help="the plain loop alone and beside an idle Ray (see above)")
+    p.add_argument("--actors", type=int, default=8, help="--idle-tax: idle actors in the Ray beside the loop")
+    p.add_argument("--repeats", type=int, default=2, help="--idle-tax: rounds, interleaved")
     args = p.parse_args(argv)
     if args.steps < 30:
         p.error("--steps: at least 30 (the window is steps 10 .. steps-15)")
@@ -74,6 +127,10 @@ def main(argv=None) -> None:
         for sub in ("ray", "tmp"):
             (root / sub).mkdir()
         d = make_data(root, 96, 64)
+        if args.idle_tax:
+            print(f"machine: {describe()}")
+            idle_tax(root, d["config"], args.actors, args.repeats)
+            return
         out = root / "train"
         cmd = Runner(child_env(root), root).synreal + ["train", "--config", str(d["config"]), "--steps",
                                                       str(args.steps), "--out", str(out)]
