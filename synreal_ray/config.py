@@ -48,18 +48,18 @@ URI = Annotated[str, _URI_MARK]
 
 
 def check_pool_keys(cfg: Any) -> None:
-    """The keys of the stages that run a dataset through an actor pool (translate, seg-eval):
-    `layout`, `batch_size`, `actors` and `in_process_max`."""
-    from synreal_ray.datasets.layouts import LAYOUTS
+    """The keys of the stages that run a dataset through an actor pool (fid, translate, seg-eval):
+    `batch_size`, `actors`, `in_process_max` and `device` (cluster.DEVICES)."""
+    from synreal_ray.cluster import DEVICES
 
-    if cfg.layout not in LAYOUTS:
-        raise ConfigError(f"{cfg.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
     if cfg.batch_size < 1:
         raise ConfigError(f"must be >= 1, got {cfg.batch_size}", "batch_size")
     if cfg.actors is not None and cfg.actors < 1:
         raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {cfg.actors}", "actors")
     if cfg.in_process_max < 0:
         raise ConfigError(f"must be >= 0, got {cfg.in_process_max}", "in_process_max")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"{cfg.device!r} is not one of {', '.join(DEVICES)}", "device")
 
 
 def absolute_uri(value: str, where: str | None = None) -> str:

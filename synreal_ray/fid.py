@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from synreal_ray import hub, storage
-from synreal_ray.cluster import DEVICES, IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
-from synreal_ray.config import URI, ConfigError
+from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
+from synreal_ray.config import URI, ConfigError, check_pool_keys
 from synreal_ray.progress import bar as progress_bar
 
 DIMS = (64, 192, 768, 2048)
@@ -475,16 +475,9 @@ class FidConfig:
         parse_size(self.size)
         if self.max_images is not None and self.max_images < 2:
             raise ConfigError(f"must be >= 2 or null (all images), got {self.max_images}", "max_images")
-        if self.batch_size < 1:
-            raise ConfigError(f"must be >= 1, got {self.batch_size}", "batch_size")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"must be >= 1 or null (one per GPU, else CPUs / 2), got {self.actors}", "actors")
         if self.seed < 0:
             raise ConfigError(f"must be >= 0, got {self.seed}", "seed")
-        if self.in_process_max < 0:
-            raise ConfigError(f"must be >= 0, got {self.in_process_max}", "in_process_max")
-        if self.device not in DEVICES:
-            raise ConfigError(f"{self.device!r} is not one of {', '.join(DEVICES)}", "device")
+        check_pool_keys(self)
 
 
 def _acts_with_pool(todo: list[dict], cfg: FidConfig, size, weights: bytes):

@@ -1014,6 +1014,8 @@ class SegEvalConfig:
     in_process_max: int = IN_PROCESS_MAX  # sets up to this size are scored without an actor pool (0: never)
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         check_pool_keys(self)
 
 

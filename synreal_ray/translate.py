@@ -41,7 +41,7 @@ from synreal_ray import storage
 from synreal_ray.checkpoints import META, STATE, is_complete
 from synreal_ray.cluster import IN_PROCESS_MAX, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError, check_pool_keys
-from synreal_ray.datasets.layouts import list_dataset
+from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -282,9 +282,9 @@ class TranslateConfig:
     def __post_init__(self):
         if self.scale not in ("train", "full"):
             raise ConfigError(f"{self.scale!r} is not one of train, full", "scale")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{self.layout!r} is not one of {', '.join(LAYOUTS)}", "layout")
         check_pool_keys(self)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{self.device!r} is not one of auto, cpu, cuda", "device")
 
 
 def _read_journal(out: str):
