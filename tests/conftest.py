@@ -71,6 +71,9 @@ def _weed_binary() -> str:
     return found
 
 
+WEED_MIN_FREE = "256MiB"
+
+
 class WeedServer:
     """A real S3 server (SeaweedFS) on 127.0.0.1; `restart()` kills it and starts it again on the
     same ports and data (the fault suite uses it to cut S3 in the middle of a stage's writes)."""
@@ -95,6 +98,11 @@ class WeedServer:
             # Each bucket is a collection that grows 7 volumes: with 1 GB volumes and the automatic
             # slot count the server held ~10 buckets, then failed uploads with INTERNAL_FAILURE.
             "-master.volumeSizeLimitMB=64", "-volume.max=3000", "-volume.preStopSeconds=0",
+            # SeaweedFS marks every volume read-only while the disk's free space is under 1 % of
+            # its size (2.5 GB of a 252 GB disk shared with other machines), and uploads then fail
+            # with INTERNAL_FAILURE until space returns: one CI run lost its last 9 S3 tests so.
+            # The tests keep a few MB here; only a disk that is really full should fail them.
+            f"-volume.minFreeSpace={WEED_MIN_FREE}",
         ]
         self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], aws_access_key_id=S3_KEY,
                                    aws_secret_access_key=S3_SECRET, region_name="us-east-1")
@@ -116,6 +124,14 @@ class WeedServer:
                     raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'server.log'}:\n"
                                        + (self.root / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
+
+    def diagnosis(self, lines: int = 12) -> str:
+        """What a failed S3 test should show: the disk's free space and the server's last errors."""
+        free = shutil.disk_usage(self.root).free / 2**30
+        log = (self.root / "server.log").read_text(errors="replace").splitlines()
+        errors = [line[:300] for line in log if line[:1] in "EW" or "disk free" in line][-lines:]
+        return (f"free disk under {self.root}: {free:.2f} GiB (SeaweedFS turns read-only under {WEED_MIN_FREE})\n"
+                f"last SeaweedFS errors and warnings ({self.root / 'server.log'}):\n" + "\n".join(errors))
 
     def stop(self, kill: bool = False) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
@@ -146,12 +162,29 @@ class WeedServer:
             time.sleep(0.5)
 
 
+_WEED: list[WeedServer] = []  # the session's server once started, for the failure reports below
+
+
 @pytest.fixture(scope="session")
 def weed():
     """The session's SeaweedFS server (see WeedServer)."""
     server = WeedServer(RUN_DIR / "weed")
+    _WEED.append(server)
     yield server
     server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the S3 server says what the server said (its log is gone with the
+    run's folder by the time anyone reads CI's output)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and _WEED and "weed" in getattr(item, "fixturenames", ()):
+        try:
+            rep.sections.append(("SeaweedFS", _WEED[0].diagnosis()))
+        except OSError as e:
+            rep.sections.append(("SeaweedFS", f"could not read the server's log: {e}"))
 
 
 @pytest.fixture(scope="session")
