@@ -448,13 +448,18 @@ def _args_train(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--force", action="store_true")
 
 
+def _pipeline_flags(p: argparse.ArgumentParser, out_help: str, force_help: str, set_help: str = SET_HELP) -> None:
+    """The flags that `run`, `demo` and `tune` share: they override the pipeline config."""
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--inception-weights", default=None,
+                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--force", action="store_true", help=force_help)
+
+
 def _args_run(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", required=True, help="pipeline YAML (see configs/)")
-    r.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
-    r.add_argument("--inception-weights", default=None,
-                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    r.add_argument("--force", action="store_true", help="recompute every stage")
+    _pipeline_flags(r, "override the config's out (default: None, the config's)", "recompute every stage")
 
 
 def _args_demo(m: argparse.ArgumentParser) -> None:
@@ -462,25 +467,17 @@ def _args_demo(m: argparse.ArgumentParser) -> None:
 
     m.add_argument("--config", default=None, help="default: configs/demo.yaml")
     m.add_argument("--data", default="data/demo", help="where the demo datasets are written (kept if present)")
-    m.add_argument("--out", default=None, help="default: the config's out (out/demo)")
     m.add_argument("--num-syn", type=int, default=default_of(make_demo_data, "num_syn"), help="synthetic images")
     m.add_argument("--num-real", type=int, default=default_of(make_demo_data, "num_real"), help="real training images")
     m.add_argument("--num-val", type=int, default=default_of(make_demo_data, "num_val"), help="real validation images")
-    m.add_argument("--inception-weights", default=None,
-                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    m.add_argument("--force", action="store_true")
+    _pipeline_flags(m, "default: the config's out (out/demo)", "recompute every stage (the data is kept)")
 
 
 def _args_tune(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", required=True, help="pipeline YAML with a tune: section (see configs/sweep.yaml)")
-    t.add_argument("--out", default=None, help="override the config's out (default: None, the config's)")
-    t.add_argument("--inception-weights", default=None,
-                   help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config key (repeatable), tune: section included, e.g. --set tune.milestones=[20]")
-    t.add_argument("--force", action="store_true",
-                   help="start over when OUT holds an interrupted sweep with other settings (deletes its trials)")
+    _pipeline_flags(t, "override the config's out (default: None, the config's)",
+                    "start over when OUT holds an interrupted sweep with other settings (deletes its trials)",
+                    set_help="set any config key (repeatable), tune: section included, e.g. --set tune.milestones=[20]")
 
 
 def _args_report(rp: argparse.ArgumentParser) -> None:

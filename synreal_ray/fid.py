@@ -40,6 +40,7 @@ import numpy as np
 from synreal_ray import hub, storage
 from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError, check_pool_keys
+from synreal_ray.datasets.images import by_shape
 from synreal_ray.progress import bar as progress_bar
 
 DIMS = (64, 192, 768, 2048)
@@ -234,10 +235,7 @@ def activations(images, model) -> np.ndarray:
     images = list(images)
     device = next(model.parameters()).device
     out: list = [None] * len(images)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(np.shape(im), []).append(i)
-    for idx in by_shape.values():
+    for idx in by_shape(images).values():
         x = torch.from_numpy(np.stack([images[i] for i in idx])).to(device)
         # what ToTensor does to a uint8 image: HWC -> CHW, float, / 255
         x = x.permute(0, 3, 1, 2).float().div(255)

@@ -89,11 +89,12 @@ from synreal_ray import hub, storage
 from synreal_ray.checkpoints import read_meta, read_state, resume_point
 from synreal_ray.cluster import IN_PROCESS_MAX, actor_resources, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError, check_pool_keys, from_dict, to_dict
+from synreal_ray.datasets.images import by_shape
 from synreal_ray.datasets.labels import IGNORE, LABEL_ID_OF_TRAIN, NUM_CLASSES, TRAIN_NAMES
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import StepPoster, described
 from synreal_ray.progress import bar as progress_bar
-from synreal_ray.raytrain import Streams, fit, report_checkpoint, worker_batches
+from synreal_ray.raytrain import Streams, fit, worker_batches
 from synreal_ray.stage import Stage, read_info
 from synreal_ray.train import (
     MetricsLog,
@@ -102,6 +103,7 @@ from synreal_ray.train import (
     latest_checkpoint,
     parse_size,
     read_metrics,
+    report_at_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -367,10 +369,7 @@ def predict(model, images: list[np.ndarray], amp: bool = True) -> list[np.ndarra
 
     device = next(model.parameters()).device
     out: list = [None] * len(images)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(np.shape(im), []).append(i)
-    for idx in by_shape.values():
+    for idx in by_shape(images).values():
         x = to_input(torch.from_numpy(np.stack([images[i] for i in idx])).to(device))
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
             logits = model(x)["out"]
@@ -717,8 +716,7 @@ def _segment_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
     post = StepPoster(config.get("progress") if rank == 0 else None, cfg.steps)
-    if rank == 0:
-        metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
+    metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start) if rank == 0 else None
     recent: deque = deque(maxlen=max(cfg.bn_batches, 1))  # this worker's batches since the last checkpoint
 
     step, t_first = start, None
@@ -764,15 +762,13 @@ def _segment_worker(config: dict) -> None:
                 bn = recalibrate_bn(bare, (to_input(b.to(device)) for b in recent)) if cfg.bn_batches else 0
                 recent.clear()
                 _average_batchnorms(bare, world)
-                if rank == 0:
-                    metrics_log.flush(force=True)  # metrics up to this step exist before the checkpoint does
-                    storage.write_bytes(storage.join(cfg.out, "loss_curve.png"), viz.loss_curves(
-                        {cfg.model: metrics_log.records}, keys=("loss", "pixel_accuracy"),
-                        titles={"loss": "cross-entropy loss", "pixel_accuracy": "pixel accuracy (training crops)"}))
-                    report_checkpoint(metrics, step, functools.partial(
-                        save_checkpoint, cfg=cfg, step=step, model=bare, opt=opt, sched=sched, scaler=scaler, bn=bn))
-                else:
-                    report_checkpoint(metrics, step)
+                report_at_checkpoint(
+                    rank, metrics, step, metrics_log,
+                    (storage.join(cfg.out, "loss_curve.png"), lambda records: viz.loss_curves(
+                        {cfg.model: records}, keys=("loss", "pixel_accuracy"),
+                        titles={"loss": "cross-entropy loss", "pixel_accuracy": "pixel accuracy (training crops)"})),
+                    functools.partial(save_checkpoint, cfg=cfg, step=step, model=bare, opt=opt, sched=sched,
+                                      scaler=scaler, bn=bn))
         if hook is not None:
             hook(step=step, rank=rank, model=model)
     if step != cfg.steps:

@@ -471,6 +471,22 @@ class MetricsLog:
             self._flushed = time.monotonic()
 
 
+def report_at_checkpoint(rank: int, metrics: dict, step: int, log: MetricsLog | None = None,
+                         curves: tuple[str, Callable[[list[dict]], bytes]] | None = None,
+                         write: Callable[[str], None] | None = None) -> None:
+    """A checkpoint step in a training loop (train's and segment's): rank 0 writes the metrics up
+    to this step and their plot (`curves`: its URI and a function of the records giving PNG bytes)
+    before the checkpoint exists, then reports it with `write` (raytrain.report_checkpoint); the
+    other ranks report the metrics alone."""
+    if rank != 0:
+        report_checkpoint(metrics, step)
+        return
+    log.flush(force=True)
+    uri, plot = curves
+    storage.write_bytes(uri, plot(log.records))
+    report_checkpoint(metrics, step, write)
+
+
 def read_metrics(out: str) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     lines = storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()
@@ -543,8 +559,8 @@ def _train_worker(config: dict) -> None:
     model.wrap(ray.train.torch.prepare_model)
 
     post = StepPoster(config.get("progress") if rank == 0 else None, cfg.steps)
+    metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start) if rank == 0 else None
     if rank == 0:
-        metrics_log = MetricsLog(storage.join(cfg.out, "metrics.jsonl"), keep_until=start)
         grid_pairs = data.grid_pairs(cfg)
         grid_syn = np.stack([read_training_image(s, cfg.size) for s, _ in grid_pairs])
         grid_real = np.stack([read_training_image(r, cfg.size) for _, r in grid_pairs])
@@ -577,15 +593,11 @@ def _train_worker(config: dict) -> None:
             if rank == 0:
                 metrics_log.add(metrics)
         if save:
-            if rank == 0:
-                metrics_log.flush(force=True)  # metrics up to this step exist before the checkpoint does
-                storage.write_bytes(storage.join(cfg.out, "loss_curves.png"),
-                                    viz.loss_curves({cfg.model: metrics_log.records}))
-                report_checkpoint(metrics, step, functools.partial(
-                    save_checkpoint, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds, sampler=sampler,
-                    scaler=scaler))
-            else:
-                report_checkpoint(metrics, step)
+            report_at_checkpoint(
+                rank, metrics, step, metrics_log,
+                (storage.join(cfg.out, "loss_curves.png"), lambda records: viz.loss_curves({cfg.model: records})),
+                functools.partial(save_checkpoint, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds,
+                                  sampler=sampler, scaler=scaler))
         if hook is not None:
             hook(step=step, rank=rank, model=model)
     if step != cfg.steps:

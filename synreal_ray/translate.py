@@ -41,6 +41,7 @@ from synreal_ray import storage
 from synreal_ray.checkpoints import META, STATE, is_complete
 from synreal_ray.cluster import IN_PROCESS_MAX, call_in_batches, items_dataset, local_device
 from synreal_ray.config import URI, ConfigError, check_pool_keys
+from synreal_ray.datasets.images import by_shape
 from synreal_ray.datasets.layouts import LAYOUTS, list_dataset
 from synreal_ray.progress import bar as progress_bar
 
@@ -143,10 +144,7 @@ def translate_batch(gen, images: list[np.ndarray], multiple: int = 4, amp: bool 
     device = next(gen.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else contextlib.nullcontext()
     out: list = [None] * len(images)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(im.shape, []).append(i)
-    for (h, w, _), idx in by_shape.items():
+    for (h, w, _), idx in by_shape(images).items():
         x = torch.from_numpy(np.stack([images[i] for i in idx])).to(device)
         x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [0, 255] -> [-1, 1]
         ph, pw = (-h) % multiple, (-w) % multiple

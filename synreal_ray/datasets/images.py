@@ -1,6 +1,7 @@
 """Decoding image and label files: the one place that opens them with PIL and applies the pixel
 limit, so an oversized file (a decompression bomb, or a corrupt header claiming a huge size) is a
-per-sample error naming the file, never a crash of the stage or an out-of-memory worker.
+per-sample error naming the file, never a crash of the stage or an out-of-memory worker. Also
+`by_shape`, which groups decoded images of equal sizes into the batches the models run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from PIL import Image, UnidentifiedImageError
 # 2048 x 1024 = 2**21 pixels), far below what would exhaust a worker's memory (2**28 RGB pixels
 # decode to 768 MiB). The features stage sets its own with `max_pixels` / `--max-pixels`.
 MAX_PIXELS = 2**28
+
+
+def by_shape(images) -> dict[tuple, list[int]]:
+    """The positions of the images (arrays) of each shape, in order: the models run each group as
+    one batch, so a list of mixed sizes needs no resizing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    return groups
 
 
 class ImageError(ValueError):
