@@ -129,7 +129,7 @@ class WeedServer:
         """What a failed S3 test should show: the disk's free space and the server's last errors."""
         free = shutil.disk_usage(self.root).free / 2**30
         log = (self.root / "server.log").read_text(errors="replace").splitlines()
-        errors = [line[:300] for line in log if line[:1] in "EW" or "disk free" in line][-lines:]
+        errors = [line[:300] for line in log if line.startswith(("E", "W")) or "disk free" in line][-lines:]
         return (f"free disk under {self.root}: {free:.2f} GiB (SeaweedFS turns read-only under {WEED_MIN_FREE})\n"
                 f"last SeaweedFS errors and warnings ({self.root / 'server.log'}):\n" + "\n".join(errors))
 
