@@ -449,7 +449,8 @@ def _args_train(tr: argparse.ArgumentParser) -> None:
 
 
 def _pipeline_flags(p: argparse.ArgumentParser, out_help: str, force_help: str, set_help: str = SET_HELP) -> None:
-    """The flags that `run`, `demo` and `tune` share: they override the pipeline config."""
+    """The flags that `run`, `demo` and `tune` share: --out, --inception-weights and --set override
+    the pipeline config, --force recomputes."""
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--inception-weights", default=None,
                    help="pytorch-fid Inception weights file, local or s3:// (default: None, the config's)")

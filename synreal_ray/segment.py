@@ -764,9 +764,9 @@ def _segment_worker(config: dict) -> None:
                 _average_batchnorms(bare, world)
                 report_at_checkpoint(
                     rank, metrics, step, metrics_log,
-                    (storage.join(cfg.out, "loss_curve.png"), lambda records: viz.loss_curves(
+                    storage.join(cfg.out, "loss_curve.png"), lambda records: viz.loss_curves(
                         {cfg.model: records}, keys=("loss", "pixel_accuracy"),
-                        titles={"loss": "cross-entropy loss", "pixel_accuracy": "pixel accuracy (training crops)"})),
+                        titles={"loss": "cross-entropy loss", "pixel_accuracy": "pixel accuracy (training crops)"}),
                     functools.partial(save_checkpoint, cfg=cfg, step=step, model=bare, opt=opt, sched=sched,
                                       scaler=scaler, bn=bn))
         if hook is not None:

@@ -471,19 +471,17 @@ class MetricsLog:
             self._flushed = time.monotonic()
 
 
-def report_at_checkpoint(rank: int, metrics: dict, step: int, log: MetricsLog | None = None,
-                         curves: tuple[str, Callable[[list[dict]], bytes]] | None = None,
-                         write: Callable[[str], None] | None = None) -> None:
+def report_at_checkpoint(rank: int, metrics: dict, step: int, log: MetricsLog | None, curves_uri: str,
+                         plot: Callable[[list[dict]], bytes], write: Callable[[str], None]) -> None:
     """A checkpoint step in a training loop (train's and segment's): rank 0 writes the metrics up
-    to this step and their plot (`curves`: its URI and a function of the records giving PNG bytes)
-    before the checkpoint exists, then reports it with `write` (raytrain.report_checkpoint); the
-    other ranks report the metrics alone."""
+    to this step (`log`) and their plot (`plot` of the records, PNG bytes, to `curves_uri`) before
+    the checkpoint exists, then reports it with `write` (raytrain.report_checkpoint); the other
+    ranks, whose `log` is None, report the metrics alone."""
     if rank != 0:
         report_checkpoint(metrics, step)
         return
     log.flush(force=True)
-    uri, plot = curves
-    storage.write_bytes(uri, plot(log.records))
+    storage.write_bytes(curves_uri, plot(log.records))
     report_checkpoint(metrics, step, write)
 
 
@@ -595,7 +593,7 @@ def _train_worker(config: dict) -> None:
         if save:
             report_at_checkpoint(
                 rank, metrics, step, metrics_log,
-                (storage.join(cfg.out, "loss_curves.png"), lambda records: viz.loss_curves({cfg.model: records})),
+                storage.join(cfg.out, "loss_curves.png"), lambda records: viz.loss_curves({cfg.model: records}),
                 functools.partial(save_checkpoint, cfg=cfg, step=step, model=model, opts=opts, scheds=scheds,
                                   sampler=sampler, scaler=scaler))
         if hook is not None:

@@ -162,14 +162,10 @@ class WeedServer:
             time.sleep(0.5)
 
 
-_WEED: list[WeedServer] = []  # the session's server once started, for the failure reports below
-
-
 @pytest.fixture(scope="session")
 def weed():
     """The session's SeaweedFS server (see WeedServer)."""
     server = WeedServer(RUN_DIR / "weed")
-    _WEED.append(server)
     yield server
     server.stop()
 
@@ -180,9 +176,10 @@ def pytest_runtest_makereport(item, call):
     run's folder by the time anyone reads CI's output)."""
     outcome = yield
     rep = outcome.get_result()
-    if rep.failed and _WEED and "weed" in getattr(item, "fixturenames", ()):
+    server = getattr(item, "funcargs", {}).get("weed")  # indirect fixtures (s3_bucket -> weed) included
+    if rep.failed and server is not None:
         try:
-            rep.sections.append(("SeaweedFS", _WEED[0].diagnosis()))
+            rep.sections.append(("SeaweedFS", server.diagnosis()))
         except OSError as e:
             rep.sections.append(("SeaweedFS", f"could not read the server's log: {e}"))
 
