@@ -76,6 +76,11 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def note_row(check: str, note: str) -> dict:
+    """A row with no measurement: a check skipped or failed, and why."""
+    return {"check": check, "setting": "-", "unit": "-", "device": None, "cpu": None, "peak_mib": None, "note": note}
+
+
 def check_train(p: dict, dev: torch.device, cpu: torch.device) -> list[dict]:
     from synreal_ray.models import build_model
 
@@ -172,8 +177,7 @@ def check_inception(p: dict, dev: torch.device, cpu: torch.device) -> list[dict]
     try:
         import pytorch_fid  # noqa: F401
     except ImportError:
-        return [{"check": "inception", "setting": "-", "unit": "-", "device": None, "cpu": None, "peak_mib": None,
-                 "note": "skipped: pytorch-fid is not installed (carry its wheel)"}]
+        return [note_row("inception", "skipped: pytorch-fid is not installed (carry its wheel)")]
     from synreal_ray.fid import activations, load_inception, make_random_inception_weights
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,8 +199,7 @@ def check_knn(p: dict, dev: torch.device, cpu: torch.device) -> list[dict]:
     try:
         from synreal_ray.knn import KnnIndex, gpu_available
     except ImportError:
-        return [{"check": "knn", "setting": "-", "unit": "-", "device": None, "cpu": None, "peak_mib": None,
-                 "note": "skipped: faiss is not installed (carry a faiss-gpu wheel)"}]
+        return [note_row("knn", "skipped: faiss is not installed (carry a faiss-gpu wheel)")]
     nq, nr, d, k = p["knn"]
     rng = np.random.default_rng(0)
     real, queries = rng.random((nr, d), dtype=np.float32), rng.random((nq, d), dtype=np.float32)
@@ -254,8 +257,7 @@ def main(argv=None) -> int:
             print(f"{name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - a GPU check reports what broke and goes on
             failed.append(name)
-            rows.append({"check": name, "setting": "-", "unit": "-", "device": None, "cpu": None, "peak_mib": None,
-                         "note": f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            rows.append(note_row(name, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
             traceback.print_exc()
     print("\n" + table(rows, device_name))
     if args.out:
